@@ -1,0 +1,343 @@
+"""The ``Bus`` contract, run against ``InProcessBus`` and ``RedisBus`` alike (see conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from peergpu.config import ServerSettings
+from peergpu.errors import ServiceUnavailable
+from peergpu.server.bus import Bus, InProcessBus, Message, RedisBus, Subscription, create_bus
+from peergpu.server.bus.base import parse_stream_id
+
+#: Generous upper bound for things that should happen at once; never actually waited out.
+ARRIVES_WITHIN = 5.0
+#: How long "nothing arrives" checks wait.
+QUIET_PERIOD = 0.2
+#: Nothing listens on port 1: connections are refused at once.
+UNREACHABLE_REDIS_URL = "redis://127.0.0.1:1/0"
+BINARY = bytes(range(256)) + b"\x00\r\n" + "ünïcødé".encode()
+
+
+async def receive(subscription: Subscription, count: int) -> list[Message]:
+    messages: list[Message] = []
+    for _ in range(count):
+        message = await subscription.get(timeout=ARRIVES_WITHIN)
+        assert message is not None, f"only {len(messages)} of {count} messages arrived"
+        messages.append(message)
+    return messages
+
+
+# --- pub/sub -------------------------------------------------------------------------------
+
+
+async def test_subscriber_gets_every_message_in_publish_order(bus: Bus) -> None:
+    async with bus.subscribe("jobs") as subscription:
+        for number in range(200):
+            await bus.publish("jobs", str(number).encode())
+        messages = await receive(subscription, 200)
+    assert [m.channel for m in messages] == ["jobs"] * 200
+    assert [m.data for m in messages] == [str(n).encode() for n in range(200)]
+
+
+async def test_two_subscribers_each_get_every_message(bus: Bus) -> None:
+    async with bus.subscribe("news") as first, bus.subscribe("news") as second:
+        for number in range(50):
+            await bus.publish("news", str(number).encode())
+        expected = [str(n).encode() for n in range(50)]
+        assert [m.data for m in await receive(first, 50)] == expected
+        assert [m.data for m in await receive(second, 50)] == expected
+
+
+async def test_one_subscription_to_several_channels_keeps_order_per_channel(bus: Bus) -> None:
+    async with bus.subscribe("a", "b", "c") as subscription:
+        for number in range(30):
+            for channel in ("a", "b", "c"):
+                await bus.publish(channel, f"{channel}{number}".encode())
+        messages = await receive(subscription, 90)
+    for channel in ("a", "b", "c"):
+        on_channel = [m.data for m in messages if m.channel == channel]
+        assert on_channel == [f"{channel}{n}".encode() for n in range(30)]
+
+
+async def test_channel_not_subscribed_is_not_delivered(bus: Bus) -> None:
+    async with bus.subscribe("mine") as subscription:
+        await bus.publish("other", b"not for you")
+        await bus.publish("mine-but-longer", b"not for you either")
+        await bus.publish("mine", b"for you")
+        message = await subscription.get(timeout=ARRIVES_WITHIN)
+        assert message == Message(channel="mine", data=b"for you")
+        assert await subscription.get(timeout=QUIET_PERIOD) is None
+
+
+async def test_no_delivery_after_leaving_the_block(bus: Bus) -> None:
+    async with bus.subscribe("events") as watcher:
+        async with bus.subscribe("events") as departed:
+            pass
+        await bus.publish("events", b"after exit")
+        # The publish did happen: a live subscriber sees it...
+        assert (await receive(watcher, 1))[0].data == b"after exit"
+        # ...but the closed subscription gets nothing, and iterating it ends at once.
+        assert await departed.get(timeout=QUIET_PERIOD) is None
+        assert [message async for message in departed] == []
+
+
+async def test_close_drops_undelivered_messages(bus: Bus) -> None:
+    async with bus.subscribe("events") as watcher, bus.subscribe("events") as subscription:
+        await bus.publish("events", b"queued")
+        await receive(watcher, 1)  # delivered to everyone, not yet read by `subscription`
+        await subscription.close()
+        await subscription.close()  # idempotent
+        assert await subscription.get(timeout=QUIET_PERIOD) is None
+
+
+async def test_close_wakes_a_blocked_get(bus: Bus) -> None:
+    async with bus.subscribe("quiet") as subscription:
+        waiter = asyncio.create_task(subscription.get())
+        await asyncio.sleep(0)  # let the waiter start waiting
+        assert not waiter.done()
+        await subscription.close()
+        assert await asyncio.wait_for(waiter, ARRIVES_WITHIN) is None
+
+
+async def test_async_iteration_yields_messages_until_closed(bus: Bus) -> None:
+    received: list[bytes] = []
+    got_three = asyncio.Event()
+
+    async with bus.subscribe("feed") as subscription:
+
+        async def consume() -> None:
+            async for message in subscription:
+                received.append(message.data)
+                if len(received) == 3:
+                    got_three.set()
+
+        consumer = asyncio.create_task(consume())
+        for data in (b"1", b"2", b"3"):
+            await bus.publish("feed", data)
+        await asyncio.wait_for(got_three.wait(), ARRIVES_WITHIN)
+        await subscription.close()
+        await asyncio.wait_for(consumer, ARRIVES_WITHIN)
+    assert received == [b"1", b"2", b"3"]
+
+
+async def test_get_times_out_with_none(bus: Bus) -> None:
+    async with bus.subscribe("silence") as subscription:
+        assert await subscription.get(timeout=QUIET_PERIOD) is None
+        assert await subscription.get(timeout=0) is None
+
+
+async def test_binary_payloads_round_trip_through_pubsub(bus: Bus) -> None:
+    async with bus.subscribe("bin") as subscription:
+        await bus.publish("bin", BINARY)
+        await bus.publish("bin", b"")
+        assert [m.data for m in await receive(subscription, 2)] == [BINARY, b""]
+
+
+async def test_publish_without_subscribers_is_accepted(bus: Bus) -> None:
+    await bus.publish("nobody-listens", b"hello")
+
+
+async def test_subscribe_needs_a_channel(bus: Bus) -> None:
+    with pytest.raises(ValueError):
+        bus.subscribe()
+
+
+# --- streams -------------------------------------------------------------------------------
+
+
+async def test_append_returns_strictly_increasing_ids_and_read_returns_entries(bus: Bus) -> None:
+    ids = [await bus.append("log", f"line {n}".encode()) for n in range(50)]
+    keys = [parse_stream_id(entry_id) for entry_id in ids]
+    assert all(earlier < later for earlier, later in zip(keys, keys[1:], strict=False))
+    assert all(entry_id.count("-") == 1 for entry_id in ids)
+    entries = await bus.read("log")
+    assert [e.id for e in entries] == ids
+    assert [e.data for e in entries] == [f"line {n}".encode() for n in range(50)]
+
+
+async def test_read_after_an_id_is_exclusive(bus: Bus) -> None:
+    ids = [await bus.append("log", str(n).encode()) for n in range(5)]
+    entries = await bus.read("log", after=ids[2])
+    assert [e.id for e in entries] == ids[3:]
+    assert await bus.read("log", after=ids[-1]) == []
+
+
+async def test_count_limits_and_paging_sees_each_entry_once(bus: Bus) -> None:
+    ids = [await bus.append("log", str(n).encode()) for n in range(10)]
+    assert [e.id for e in await bus.read("log", count=3)] == ids[:3]
+    seen: list[str] = []
+    after = "0"
+    for _ in range(4):  # 10 entries in pages of 4: the 4th page must be empty
+        page = await bus.read("log", after=after, count=4)
+        if not page:
+            break
+        assert len(page) <= 4
+        seen.extend(entry.id for entry in page)
+        after = page[-1].id
+    else:
+        pytest.fail("paging did not come to an end")
+    assert seen == ids
+
+
+async def test_missing_stream_reads_empty_and_has_length_zero(bus: Bus) -> None:
+    assert await bus.read("never-written") == []
+    assert await bus.stream_length("never-written") == 0
+
+
+async def test_blocking_read_wakes_when_another_task_appends(bus: Bus) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader = asyncio.create_task(bus.read("fresh", block=ARRIVES_WITHIN))
+    # Give the reader a moment to reach its blocking wait (Redis offers nothing to await here);
+    # the test also passes if it has not, but then it checks less.
+    await asyncio.sleep(0.05)
+    assert not reader.done(), "a blocking read on an empty stream returned early"
+    entry_id = await bus.append("fresh", b"wake up")
+    entries = await asyncio.wait_for(reader, ARRIVES_WITHIN)
+    assert [(e.id, e.data) for e in entries] == [(entry_id, b"wake up")]
+    assert loop.time() - started < ARRIVES_WITHIN / 2
+
+
+async def test_blocking_read_after_last_id_wakes_on_the_next_entry(bus: Bus) -> None:
+    last = await bus.append("log", b"old")
+    reader = asyncio.create_task(bus.read("log", after=last, block=ARRIVES_WITHIN))
+    await asyncio.sleep(0.05)
+    assert not reader.done()
+    new = await bus.append("log", b"new")
+    assert [e.id for e in await asyncio.wait_for(reader, ARRIVES_WITHIN)] == [new]
+
+
+async def test_blocking_read_times_out_with_empty_list(bus: Bus) -> None:
+    await bus.append("log", b"seen")
+    (seen,) = await bus.read("log")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await bus.read("log", after=seen.id, block=0.3) == []
+    assert 0.25 <= loop.time() - started < 2.0
+
+
+async def test_blocking_read_returns_at_once_when_entries_exist(bus: Bus) -> None:
+    entry_id = await bus.append("log", b"ready")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert [e.id for e in await bus.read("log", block=ARRIVES_WITHIN)] == [entry_id]
+    assert loop.time() - started < 1.0
+
+
+async def test_maxlen_trims_exactly_to_the_newest_entries(bus: Bus) -> None:
+    ids = [await bus.append("capped", str(n).encode(), maxlen=5) for n in range(20)]
+    assert await bus.stream_length("capped") == 5
+    entries = await bus.read("capped")
+    assert [e.id for e in entries] == ids[-5:]
+    assert [e.data for e in entries] == [str(n).encode() for n in range(15, 20)]
+    later = await bus.append("capped", b"later", maxlen=5)
+    assert parse_stream_id(later) > parse_stream_id(ids[-1])
+
+
+async def test_stream_length_counts_entries(bus: Bus) -> None:
+    for n in range(7):
+        await bus.append("counted", str(n).encode())
+    assert await bus.stream_length("counted") == 7
+
+
+async def test_delete_stream_removes_everything(bus: Bus) -> None:
+    await bus.append("doomed", b"1")
+    await bus.append("doomed", b"2")
+    await bus.append("kept", b"k")
+    await bus.delete_stream("doomed")
+    assert await bus.stream_length("doomed") == 0
+    assert await bus.read("doomed") == []
+    assert await bus.stream_length("kept") == 1
+    await bus.delete_stream("doomed")  # idempotent
+    await bus.append("doomed", b"reborn")
+    assert [e.data for e in await bus.read("doomed")] == [b"reborn"]
+
+
+async def test_binary_payloads_round_trip_through_streams(bus: Bus) -> None:
+    await bus.append("bin", BINARY)
+    await bus.append("bin", b"")
+    assert [e.data for e in await bus.read("bin")] == [BINARY, b""]
+
+
+@pytest.mark.parametrize(
+    ("after", "count", "block"),
+    [("$", 10, None), ("not-an-id", 10, None), ("1-x", 10, None), ("0", 0, None), ("0", 1, -1.0)],
+)
+async def test_read_rejects_bad_arguments(
+    bus: Bus, after: str, count: int, block: float | None
+) -> None:
+    with pytest.raises(ValueError):
+        await bus.read("log", after=after, count=count, block=block)
+
+
+async def test_append_rejects_maxlen_below_one(bus: Bus) -> None:
+    with pytest.raises(ValueError):
+        await bus.append("log", b"x", maxlen=0)
+
+
+async def test_ping(bus: Bus) -> None:
+    await bus.ping()
+
+
+# --- Redis only ------------------------------------------------------------------------------
+
+
+async def test_redis_prefixes_isolate_deployments(
+    redis_url: str, redis_prefix: Callable[[], str]
+) -> None:
+    ours, theirs = (RedisBus(redis_url, prefix=redis_prefix()) for _ in range(2))
+    try:
+        async with ours.subscribe("shared") as subscription:
+            await theirs.publish("shared", b"theirs")
+            await ours.publish("shared", b"ours")
+            assert (await receive(subscription, 1))[0].data == b"ours"
+            assert await subscription.get(timeout=QUIET_PERIOD) is None
+        await theirs.append("stream", b"theirs")
+        assert await ours.stream_length("stream") == 0
+        assert await ours.read("stream") == []
+        await ours.delete_stream("stream")
+        assert await theirs.stream_length("stream") == 1
+    finally:
+        await ours.close()
+        await theirs.close()
+
+
+async def test_unreachable_redis_raises_service_unavailable() -> None:
+    bus = RedisBus(UNREACHABLE_REDIS_URL, prefix="peergpu-test-unreachable:")
+    try:
+        operations: list[Callable[[], Awaitable[object]]] = [
+            bus.ping,
+            lambda: bus.publish("channel", b"x"),
+            lambda: bus.append("stream", b"x"),
+            lambda: bus.read("stream"),
+            lambda: bus.read("stream", block=0.1),
+            lambda: bus.stream_length("stream"),
+            lambda: bus.delete_stream("stream"),
+        ]
+        for operation in operations:
+            with pytest.raises(ServiceUnavailable) as caught:
+                await operation()
+            assert caught.value.message == "Redis is unreachable"
+            assert caught.value.details["operation"]
+        with pytest.raises(ServiceUnavailable):
+            async with bus.subscribe("channel"):
+                pytest.fail("subscribed to an unreachable Redis")
+    finally:
+        await bus.close()
+
+
+# --- factory -------------------------------------------------------------------------------
+
+
+async def test_create_bus_follows_settings() -> None:
+    in_process = create_bus(ServerSettings(redis_url=""))
+    assert isinstance(in_process, InProcessBus)
+    await in_process.close()
+    redis_bus = create_bus(
+        ServerSettings(redis_url=UNREACHABLE_REDIS_URL, redis_prefix="peergpu-test-factory:")
+    )
+    assert isinstance(redis_bus, RedisBus)
+    await redis_bus.close()
