@@ -1,0 +1,5 @@
+"""Allows `python -m peergpu`."""
+
+from peergpu.cli import main
+
+main()

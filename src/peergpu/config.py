@@ -1,0 +1,122 @@
+"""Settings for the server process.
+
+One ``ServerSettings`` object is built per process (from the environment, prefix ``PEERGPU_``)
+and passed in explicitly; nothing deep in the code reads the environment. Paths derive from
+``data_dir`` so tests and the demo can redirect everything with one setting.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Secrets that must never be accepted outside dev mode.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "dev"})
+MIN_SECRET_LENGTH = 32
+
+
+class Mode(StrEnum):
+    dev = "dev"
+    production = "production"
+
+
+class ServerSettings(BaseSettings):
+    """Configuration of ``peergpu server``; every field is settable as ``PEERGPU_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PEERGPU_", extra="ignore")
+
+    mode: Mode = Mode.dev
+    data_dir: Path = Path.home() / ".peergpu"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    public_url: str = ""
+
+    database_url: str = ""
+    database_echo: bool = False
+    redis_url: str = ""
+    redis_prefix: str = "peergpu:"
+    migrate_on_start: bool = True
+
+    secret_key: SecretStr = SecretStr("")
+    access_token_ttl_seconds: int = Field(default=900, ge=30)
+    refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    invite_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    argon2_time_cost: int = Field(default=3, ge=1)
+    argon2_memory_cost_kib: int = Field(default=65536, ge=8)
+
+    auth_rate_limit: int = Field(default=10, ge=1, description="auth attempts per IP per window")
+    auth_rate_window_seconds: int = Field(default=60, ge=1)
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_starttls: bool = True
+    smtp_from: str = "PeerGPU <no-reply@peergpu.local>"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_database_url(cls, value: str) -> str:
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+asyncpg://" + value[len(prefix) :]
+        if value.startswith("sqlite:///"):
+            return "sqlite+aiosqlite:///" + value[len("sqlite:///") :]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_weak_secret_outside_dev(self) -> ServerSettings:
+        secret = self.secret_key.get_secret_value()
+        if self.mode is Mode.production and (
+            secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LENGTH
+        ):
+            raise ValueError(
+                "PEERGPU_SECRET_KEY must be set to a random string of at least "
+                f"{MIN_SECRET_LENGTH} characters in production mode "
+                '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
+            )
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'peergpu.db'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def effective_public_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def resolved_secret_key(self) -> str:
+        """The signing secret; in dev mode one is generated once and kept in the data dir.
+
+        Production mode never reaches the generated branch: the validator above refuses it.
+        """
+        secret = self.secret_key.get_secret_value()
+        if secret:
+            return secret
+        path = self.data_dir / "secret_key"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        generated = secrets.token_urlsafe(48)
+        path.touch(mode=0o600)
+        path.write_text(generated)
+        return generated

@@ -1,0 +1,1 @@
+"""The control plane: FastAPI app, services, database and bus."""

@@ -1,0 +1,106 @@
+"""Request dependencies as ``Annotated`` aliases: the session, the caller, scope checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from peergpu.errors import AuthenticationFailed, PermissionDenied, RateLimited
+from peergpu.server.context import ServerContext
+from peergpu.server.db.models import UserModel
+from peergpu.server.security.api_keys import looks_like_api_key
+from peergpu.server.security.principal import Principal
+from peergpu.server.security.scopes import Scope
+from peergpu.server.services import api_keys
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An access token from /api/v1/auth/login, or an API key (pgk_...).",
+)
+
+
+def get_context(request: Request) -> ServerContext:
+    context: ServerContext = request.app.state.context
+    return context
+
+
+ContextDep = Annotated[ServerContext, Depends(get_context)]
+
+
+async def get_session(context: ContextDep) -> AsyncIterator[AsyncSession]:
+    """One session per request. Services commit their own writes; anything left uncommitted
+    (an error midway) is rolled back when the session closes."""
+    async with context.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def get_principal(
+    context: ContextDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or not credentials.credentials:
+        raise AuthenticationFailed(
+            "Send 'Authorization: Bearer <access token or API key>'.", code="not_authenticated"
+        )
+    token = credentials.credentials
+    if looks_like_api_key(token):
+        return await api_keys.authenticate_key(session=session, plaintext=token)
+    claims = context.access_tokens.verify(token)
+    user = await session.get(UserModel, claims.user_id)
+    if user is None or not user.is_active:
+        raise AuthenticationFailed("The account no longer exists or is disabled.")
+    return Principal.for_session(user)
+
+
+def require_scope(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        if not principal.can(scope):
+            raise PermissionDenied(
+                f"This needs the '{scope.value}' scope.",
+                code="insufficient_scope",
+                details={"required": scope.value, "held": sorted(principal.scopes)},
+            )
+        return principal
+
+    return check
+
+
+async def _require_admin(
+    principal: Annotated[Principal, Depends(require_scope(Scope.admin))],
+) -> Principal:
+    if not principal.user.is_admin:
+        raise PermissionDenied("This needs a platform admin.", code="admin_required")
+    return principal
+
+
+Reader = Annotated[Principal, Depends(require_scope(Scope.read))]
+Writer = Annotated[Principal, Depends(require_scope(Scope.write))]
+Admin = Annotated[Principal, Depends(_require_admin)]
+
+
+async def limit_auth_attempts(request: Request, context: ContextDep) -> None:
+    """Rate limit for login/registration/refresh, per client address."""
+    settings = context.settings
+    client = request.client.host if request.client else "unknown"
+    result = await context.rate_limiter.hit(
+        f"auth:{client}",
+        limit=settings.auth_rate_limit,
+        window_seconds=settings.auth_rate_window_seconds,
+    )
+    if not result.allowed:
+        raise RateLimited(
+            "Too many attempts; wait before trying again.",
+            retry_after=result.retry_after,
+            details={"retry_after_seconds": round(result.retry_after, 1)},
+        )
+
+
+AuthRateLimit = Depends(limit_auth_attempts)

@@ -1,0 +1,21 @@
+"""Error responses documented in OpenAPI, shared by the routers."""
+
+from typing import Any
+
+from peergpu.server.schemas.errors import ErrorBody
+
+_DESCRIPTIONS = {
+    401: "Not authenticated",
+    403: "Not allowed",
+    404: "Not found (or not visible to you)",
+    409: "Conflicts with the current state",
+    422: "Invalid input",
+    429: "Rate limited",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+AUTHENTICATED = errors(401, 403, 422)

@@ -1,0 +1,78 @@
+"""``create_app(settings)``: the FastAPI application. No global state besides ``app.state``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import RedirectResponse
+from fastapi.routing import APIRoute
+
+from peergpu import __version__
+from peergpu.config import ServerSettings
+from peergpu.server.api import api_keys, auth, health, orgs, users
+from peergpu.server.api.errors import install_error_handlers
+from peergpu.server.api.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
+from peergpu.server.context import ServerContext
+from peergpu.server.db import migrate
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+
+def operation_id(route: APIRoute) -> str:
+    """Stable operation ids (``users-read_me``) so generated clients read well."""
+    tag = route.tags[0] if route.tags else "default"
+    return f"{tag}-{route.name}"
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        context = ServerContext.build(settings)
+        try:
+            if settings.migrate_on_start:
+                await migrate.upgrade(context.engine)
+            app.state.context = context
+            logger.info(
+                "PeerGPU %s ready: database=%s bus=%s",
+                __version__,
+                context.engine.url.render_as_string(hide_password=True),
+                type(context.bus).__name__,
+            )
+            yield
+        finally:
+            await context.close()
+
+    app = FastAPI(
+        title="PeerGPU",
+        version=__version__,
+        summary="A peer-to-peer GPU cloud: run jobs on rented GPUs, serve models, pay per second.",
+        lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
+
+    app.include_router(health.router)
+    for router in (auth.router, users.router, orgs.router, api_keys.router):
+        app.include_router(router, prefix=API_PREFIX)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    return app

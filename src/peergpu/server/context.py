@@ -1,0 +1,52 @@
+"""Everything a running server holds, built once from settings and kept on ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from peergpu.config import ServerSettings
+from peergpu.server.bus import Bus, create_bus
+from peergpu.server.db.session import create_engine, create_sessionmaker
+from peergpu.server.ratelimit import RateLimiter, create_rate_limiter
+from peergpu.server.security.passwords import PasswordHashing
+from peergpu.server.security.tokens import AccessTokens
+from peergpu.server.services.email import Mailer, create_mailer
+
+
+@dataclass(slots=True)
+class ServerContext:
+    settings: ServerSettings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    bus: Bus
+    rate_limiter: RateLimiter
+    passwords: PasswordHashing
+    access_tokens: AccessTokens
+    mailer: Mailer
+
+    @classmethod
+    def build(cls, settings: ServerSettings) -> ServerContext:
+        engine = create_engine(settings)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessionmaker=create_sessionmaker(engine),
+            bus=create_bus(settings),
+            rate_limiter=create_rate_limiter(settings),
+            passwords=PasswordHashing(
+                time_cost=settings.argon2_time_cost,
+                memory_cost_kib=settings.argon2_memory_cost_kib,
+            ),
+            access_tokens=AccessTokens(
+                secret=settings.resolved_secret_key(),
+                ttl_seconds=settings.access_token_ttl_seconds,
+            ),
+            mailer=create_mailer(settings),
+        )
+
+    async def close(self) -> None:
+        await self.rate_limiter.close()
+        await self.bus.close()
+        await self.engine.dispose()

@@ -1,0 +1,1 @@
+"""Credentials: password hashing, access tokens, opaque tokens and API keys."""

@@ -1,0 +1,1 @@
+"""Domain logic, testable without HTTP. Write operations commit before they return."""
