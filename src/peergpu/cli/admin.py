@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated
 
 import typer
+from pydantic import EmailStr, TypeAdapter, ValidationError
 
 from peergpu.cli.common import console, fail, load_settings
 from peergpu.errors import PeerGPUError
@@ -37,6 +38,10 @@ def create_user(
     name: Annotated[str, typer.Option(help="Display name.")] = "",
 ) -> None:
     """Create a user with any roles, including admin."""
+    try:
+        email = TypeAdapter(EmailStr).validate_python(email)
+    except ValidationError:
+        fail(f"not a valid e-mail address: {email!r}")
     if len(password) < 10:
         fail("the password needs at least 10 characters")
     settings = load_settings()

@@ -11,8 +11,8 @@ from rich.console import Console
 
 from peergpu.config import ServerSettings
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

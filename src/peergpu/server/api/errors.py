@@ -70,6 +70,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(PoolTimeoutError, _database_down)
     app.add_exception_handler(DBAPIError, _database_error)  # type: ignore[arg-type]
+    # Drivers raise these raw while connecting (asyncpg: refused, reset, timed out).
+    app.add_exception_handler(ConnectionError, _database_down)
+    app.add_exception_handler(TimeoutError, _database_down)
     app.add_exception_handler(Exception, _unexpected)
 
 
