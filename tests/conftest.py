@@ -134,29 +134,42 @@ async def _truncate_all(url: str) -> None:
         await engine.dispose()
 
 
+#: fixture name -> how its parameter values name the database and bus a test ran on
+_BACKEND_FIXTURES = ("backend", "empty_database_url", "server_env", "bus", "rate_limiter")
+_LABELS = {
+    "sqlite": "SQLite",
+    "postgres": "PostgreSQL",
+    "memory": "in-process bus",
+    "redis": "Redis",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for fixture in _BACKEND_FIXTURES:
+            if fixture in params:
+                value = str(params[fixture])
+                labels = [label for key, label in _LABELS.items() if key in value]
+                item.user_properties.append(("backends", labels))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """One line saying how many tests ran on each database and each bus (CI's log shows it)."""
     tally: dict[str, dict[str, int]] = {}
-    kinds = {
-        "sqlite": "SQLite",
-        "postgres": "PostgreSQL",
-        "memory": "in-process bus",
-        "redis": "Redis",
-    }
     for outcome in ("passed", "failed", "error", "skipped"):
         for report in terminalreporter.stats.get(outcome, []):
-            params = report.nodeid.partition("[")[2]
-            if getattr(report, "when", "call") not in ("call", "setup") or not params:
+            if outcome == "passed" and getattr(report, "when", "call") != "call":
                 continue
-            if outcome == "passed" and report.when != "call":
-                continue
-            for key, label in kinds.items():
-                if key in params:
-                    tally.setdefault(label, {}).setdefault(outcome, 0)
-                    tally[label][outcome] += 1
+            for name, labels in getattr(report, "user_properties", []):
+                if name != "backends":
+                    continue
+                for label in labels:
+                    counts = tally.setdefault(label, {})
+                    counts[outcome] = counts.get(outcome, 0) + 1
     if tally:
         parts = [
             f"{label}: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
-            for label, counts in tally.items()
+            for label, counts in sorted(tally.items())
         ]
         terminalreporter.write_line("backends exercised -- " + "; ".join(parts))

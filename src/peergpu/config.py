@@ -52,6 +52,15 @@ class ServerSettings(BaseSettings):
     auth_rate_limit: int = Field(default=10, ge=1, description="auth attempts per IP per window")
     auth_rate_window_seconds: int = Field(default=60, ge=1)
 
+    manifest_signing_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="base64 Ed25519 private key (32 bytes); generated into the data dir if empty",
+    )
+    manifest_ttl_seconds: int = Field(default=300, ge=10)
+    enrollment_token_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    agent_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    agent_missed_heartbeats: int = Field(default=3, ge=1)
+
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
 

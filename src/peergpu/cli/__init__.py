@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from peergpu.cli import admin, db, server
+from peergpu.cli import admin, agent, db, server
 
 app = typer.Typer(
     name="peergpu",
@@ -17,6 +17,7 @@ app.command("server")(server.serve)
 app.command("demo")(server.demo)
 app.add_typer(db.app, name="db")
 app.add_typer(admin.app, name="admin")
+app.add_typer(agent.app, name="agent")
 
 
 def main() -> None:

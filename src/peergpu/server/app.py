@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +15,9 @@ from fastapi.routing import APIRoute
 
 from peergpu import __version__
 from peergpu.config import ServerSettings
-from peergpu.server.api import api_keys, auth, health, orgs, users
+from peergpu.server.agents.hub import AgentHub
+from peergpu.server.agents.sweeper import run_presence_sweeper
+from peergpu.server.api import api_keys, auth, health, hosts, orgs, storage, users
 from peergpu.server.api.errors import install_error_handlers
 from peergpu.server.api.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
 from peergpu.server.context import ServerContext
@@ -38,13 +42,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if settings.migrate_on_start:
                 await migrate.upgrade(context.engine)
             app.state.context = context
+            app.state.hub = AgentHub(context)
+            sweeper = asyncio.create_task(run_presence_sweeper(context), name="presence-sweeper")
             logger.info(
                 "PeerGPU %s ready: database=%s bus=%s",
                 __version__,
                 context.engine.url.render_as_string(hide_password=True),
                 type(context.bus).__name__,
             )
-            yield
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                await app.state.hub.close_all()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
         finally:
             await context.close()
 
@@ -56,7 +68,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         generate_unique_id_function=operation_id,
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        # Uploads to signed URLs are bounded by their signed max_bytes, counted as they stream.
+        exempt_prefixes=(f"{API_PREFIX}/storage/",),
+    )
     app.add_middleware(SecurityHeadersMiddleware)
     if settings.cors_origins:
         app.add_middleware(
@@ -68,7 +85,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
         )
 
     app.include_router(health.router)
-    for router in (auth.router, users.router, orgs.router, api_keys.router):
+    for router in (
+        auth.router,
+        users.router,
+        orgs.router,
+        api_keys.router,
+        hosts.router,
+        hosts.agent_router,
+        storage.router,
+    ):
         app.include_router(router, prefix=API_PREFIX)
 
     @app.get("/", include_in_schema=False)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from peergpu.config import ServerSettings
 from peergpu.server.bus import Bus, create_bus
 from peergpu.server.db.session import create_engine, create_sessionmaker
 from peergpu.server.ratelimit import RateLimiter, create_rate_limiter
+from peergpu.server.security.manifest_keys import load_signing_key
 from peergpu.server.security.passwords import PasswordHashing
 from peergpu.server.security.tokens import AccessTokens
 from peergpu.server.services.email import Mailer, create_mailer
+from peergpu.server.storage import ObjectStore, create_object_store, derive_storage_secret
 
 
 @dataclass(slots=True)
@@ -25,6 +28,8 @@ class ServerContext:
     passwords: PasswordHashing
     access_tokens: AccessTokens
     mailer: Mailer
+    signing_key: Ed25519PrivateKey
+    storage: ObjectStore
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ServerContext:
@@ -44,9 +49,14 @@ class ServerContext:
                 ttl_seconds=settings.access_token_ttl_seconds,
             ),
             mailer=create_mailer(settings),
+            signing_key=load_signing_key(settings),
+            storage=create_object_store(
+                settings, secret=derive_storage_secret(settings.resolved_secret_key())
+            ),
         )
 
     async def close(self) -> None:
+        await self.storage.close()
         await self.rate_limiter.close()
         await self.bus.close()
         await self.engine.dispose()

@@ -34,7 +34,7 @@ async def update_me(
 async def list_users(
     _admin: Admin,
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> UsersPublic:
     """Every user (platform admins only)."""

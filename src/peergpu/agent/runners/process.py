@@ -1,0 +1,464 @@
+"""The process runner: a job as a plain process tree on the host, contained as far as the host
+allows.
+
+Layers, each used where available (see :meth:`ProcessRunner.detect`):
+
+- always: a fresh work dir, a scrubbed environment, a new session, rlimits (memory as RLIMIT_DATA,
+  CPU, file size, open files, no core dumps), a wall-clock limit that stops the whole tree
+  (SIGTERM, ``kill_grace_seconds``, then SIGKILL), and after the main process ends every process
+  left behind is killed (found by cgroup, session and environment marker; see :mod:`.procs`);
+- as root: the job runs as an unprivileged user (default ``nobody``), which also makes
+  RLIMIT_NPROC bind. Jobs sharing one uid can signal each other; give each job slot its own uid
+  (``run_as``) where that matters;
+- cgroups (v2, or v1 memory/pids/cpuacct) where writable: a memory limit for the whole tree with
+  OOM detection and peak usage, a process limit, total CPU time (:mod:`.cgroups`);
+- bubblewrap where installed and working: read-only system, private /tmp, no network unless asked,
+  own pid namespace (:mod:`.sandbox`).
+
+The job is started through :mod:`.launch` (not a ``preexec_fn``), which joins the cgroups, sets
+the rlimits and drops privileges between fork and exec safely in a threaded agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from peergpu.agent.runners import procs
+from peergpu.agent.runners.base import (
+    FailureReason,
+    OutputSink,
+    Runner,
+    RunnerError,
+    RunResult,
+    RunSpec,
+)
+from peergpu.agent.runners.cgroups import CgroupHost, JobCgroup, detect_cgroups
+from peergpu.agent.runners.outcome import ExitFacts, classify
+from peergpu.agent.runners.prepare import (
+    JobUser,
+    job_environment,
+    prepare_workdir,
+    resolve_user,
+    rlimits,
+    validate_spec,
+)
+from peergpu.agent.runners.sandbox import find_bwrap, probe_bwrap, sandbox_command
+from peergpu.agent.runners.streams import OutputTail, open_pipe_reader, pump_lines
+
+logger = logging.getLogger(__name__)
+
+LAUNCHER: Final = Path(__file__).with_name("launch.py")
+
+
+class _Auto:
+    def __repr__(self) -> str:
+        return "AUTO"
+
+
+#: Default for ``run_as``: ``"nobody"`` when the agent runs as root, else the agent's own user.
+AUTO: Final = _Auto()
+
+
+@dataclass(frozen=True, slots=True)
+class HostSetup:
+    """What the process runner found on this host (see :meth:`ProcessRunner.detect`)."""
+
+    user: JobUser | None
+    bwrap: str | None
+    bwrap_problem: str | None
+    cgroups: CgroupHost | None
+
+    def describe(self) -> str:
+        user = f"as {self.user.name} (uid {self.user.uid})" if self.user else "as the agent's user"
+        sandbox = (
+            f"bubblewrap {self.bwrap}" if self.bwrap else f"no bubblewrap ({self.bwrap_problem})"
+        )
+        cgroups = self.cgroups.describe() if self.cgroups else "no writable cgroups"
+        return f"jobs run {user}; {sandbox}; {cgroups}"
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    spec: RunSpec
+    uses_bwrap: bool = False
+    nproc_uid: int | None = None  # the uid whose process count RLIMIT_NPROC limits, if set
+    pid: int | None = None
+    cgroup: JobCgroup | None = None
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: FailureReason | None = None  # why a stop was requested
+    stopped_by: FailureReason | None = None  # set once the runner actually stopped the job
+    sink_error: BaseException | None = None
+
+    def request_stop(self, reason: FailureReason) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop_requested.set()
+
+    def find_processes(self, *, spare_sandbox: bool = False) -> set[int]:
+        """Every live process of the job; with ``spare_sandbox``, not the bwrap monitor (killing
+        it first would take the whole sandbox down before the job could handle SIGTERM)."""
+        extra = self.cgroup.pids() if self.cgroup is not None else set()
+        marker = f"PEERGPU_JOB_ID={self.spec.job_id}".encode()
+        found = procs.find_processes(session_id=self.pid, env_marker=marker, extra=extra)
+        if spare_sandbox and self.uses_bwrap and self.pid is not None:
+            found.discard(self.pid)
+        return found
+
+    def kill_all(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        procs.signal_processes(self.find_processes(), signal.SIGKILL)
+
+
+@dataclass(frozen=True, slots=True)
+class _Exit:
+    status: int
+    cpu_seconds: float
+    max_rss_bytes: int
+    stderr_tail: list[str]
+
+
+class ProcessRunner(Runner):
+    """Runs jobs as contained host processes; see the module docstring.
+
+    ``use_bwrap``/``use_cgroups``: ``None`` = use if available, ``True`` = require (jobs fail to
+    start without), ``False`` = never. ``cgroup_parent`` forces the cgroup v2 directory to create
+    job cgroups in. ``drain_timeout_seconds`` bounds how long output is awaited after the job's
+    processes are gone (a pipe held open by an escaped process is then closed).
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        *,
+        run_as: str | int | None | _Auto = AUTO,
+        use_bwrap: bool | None = None,
+        use_cgroups: bool | None = None,
+        cgroup_parent: Path | None = None,
+        kill_grace_seconds: float = 5.0,
+        drain_timeout_seconds: float = 10.0,
+        launcher_python: str = sys.executable,
+    ) -> None:
+        if isinstance(run_as, _Auto):
+            run_as = "nobody" if os.geteuid() == 0 else None
+        self._user = resolve_user(run_as) if run_as is not None else None
+        if self._user is not None and self._user.uid == os.geteuid():
+            self._user = None
+        if self._user is not None and os.geteuid() != 0:
+            raise RunnerError(f"Running jobs as {self._user.name} requires the agent to be root.")
+        self._use_bwrap = use_bwrap
+        self._use_cgroups = use_cgroups
+        self._cgroup_parent = cgroup_parent
+        self._kill_grace = kill_grace_seconds
+        self._drain_timeout = drain_timeout_seconds
+        self._python = launcher_python
+        self._jobs: dict[str, _Job] = {}
+        self._setup: HostSetup | None = None
+        self._setup_lock = asyncio.Lock()
+
+    async def detect(self) -> HostSetup:
+        """Detect (once, then cached) the job user, bubblewrap and cgroups on this host."""
+        async with self._setup_lock:
+            if self._setup is None:
+                self._setup = await asyncio.to_thread(self._detect_blocking)
+                logger.info("process runner: %s", self._setup.describe())
+        return self._setup
+
+    async def run(self, spec: RunSpec, sink: OutputSink) -> RunResult:
+        started = time.monotonic()
+        if spec.job_id in self._jobs:
+            return _start_failed(spec, started, f"Job {spec.job_id} is already running here.")
+        job = _Job(spec)
+        self._jobs[spec.job_id] = job
+        try:
+            try:
+                argv, config = await self._prepare(job)
+            except (RunnerError, OSError) as error:
+                return _start_failed(spec, started, str(error))
+            try:
+                return await self._execute(job, argv, config, sink, started)
+            finally:
+                await _remove_cgroup(job.cgroup)
+        finally:
+            del self._jobs[spec.job_id]
+
+    async def cancel(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.request_stop(FailureReason.CANCELLED)
+
+    # ------------------------------------------------------------ preparation
+
+    def _detect_blocking(self) -> HostSetup:
+        bwrap, problem = self._detect_bwrap()
+        cgroups = None if self._use_cgroups is False else detect_cgroups(self._cgroup_parent)
+        return HostSetup(user=self._user, bwrap=bwrap, bwrap_problem=problem, cgroups=cgroups)
+
+    def _detect_bwrap(self) -> tuple[str | None, str | None]:
+        """``(bwrap path, None)`` if usable, else ``(None, why not)``."""
+        if self._use_bwrap is False:
+            return None, "disabled"
+        bwrap = find_bwrap()
+        if bwrap is None:
+            return None, "not installed"
+        uid, gid = (self._user.uid, self._user.gid) if self._user else (None, None)
+        problem = probe_bwrap(bwrap, uid=uid, gid=gid)
+        return (None, problem) if problem else (bwrap, None)
+
+    async def _prepare(self, job: _Job) -> tuple[list[str], dict[str, Any]]:
+        """Check the spec, make the work dir and cgroup; the launcher's argv and configuration."""
+        spec = job.spec
+        setup = await self.detect()
+        validate_spec(spec)
+        if self._use_bwrap and setup.bwrap is None:
+            raise RunnerError(f"bubblewrap is required but unusable: {setup.bwrap_problem}.")
+        if self._use_cgroups and setup.cgroups is None:
+            raise RunnerError("cgroups are required but none is writable on this host.")
+        job.uses_bwrap = setup.bwrap is not None
+        await asyncio.to_thread(
+            prepare_workdir, spec.workdir, setup.user, private_tmp=job.uses_bwrap
+        )
+        if setup.cgroups is not None:
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", spec.job_id)[:64]
+            job.cgroup = JobCgroup.create(setup.cgroups, name, spec.limits)
+        # RLIMIT_NPROC counts every process of the uid, across jobs sharing it: use it only when
+        # no pids cgroup limits this job alone.
+        limit_nproc = job.cgroup is None or not job.cgroup.limits_pids
+        if limit_nproc and spec.limits.max_processes is not None:
+            job.nproc_uid = setup.user.uid if setup.user else os.geteuid()
+        command = sandbox_command(setup.bwrap, spec) if setup.bwrap else list(spec.command)
+        config = {
+            "cgroup_procs": job.cgroup.procs_files if job.cgroup else [],
+            "rlimits": rlimits(spec.limits, limit_nproc=limit_nproc),
+            "uid": setup.user.uid if setup.user else None,
+            "gid": setup.user.gid if setup.user else None,
+            "workdir": str(spec.workdir),
+            "argv": command,
+            "env": job_environment(spec, private_tmp=job.uses_bwrap),
+        }
+        argv = [self._python, "-I", "-S", str(LAUNCHER)]
+        return argv, config
+
+    # ------------------------------------------------------------ execution
+
+    async def _execute(
+        self,
+        job: _Job,
+        argv: list[str],
+        config: dict[str, Any],
+        sink: OutputSink,
+        started: float,
+    ) -> RunResult:
+        spec = job.spec
+        if job.stop_requested.is_set():
+            return _result(spec, started, None, FailureReason.CANCELLED, "Cancelled on request.")
+        if job.nproc_uid is not None:
+            # Zombies count against RLIMIT_NPROC until their parent (init, for a killed job's
+            # orphans) reaps them; on some hosts that takes seconds. Let them go first.
+            await procs.wait_for_zombies(job.nproc_uid)
+        config_fd = os.memfd_create("peergpu-job-config")
+        os.write(config_fd, json.dumps(config).encode())
+        os.lseek(config_fd, 0, os.SEEK_SET)
+        status_read, status_write = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [*argv, str(config_fd), str(status_write)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(config_fd, status_write),
+                env={"LANG": "C.UTF-8"},
+                cwd="/",
+            )
+        except OSError as error:
+            os.close(status_read)
+            return _start_failed(spec, started, f"Could not start the launcher: {error}")
+        finally:
+            os.close(config_fd)
+            os.close(status_write)
+        job.pid = process.pid
+        try:
+            ended = await self._supervise(job, process, sink)
+            start_error = os.read(status_read, 4096).decode("utf-8", "replace")
+        finally:
+            os.close(status_read)
+        if job.sink_error is not None:
+            raise job.sink_error
+        return self._result(job, ended, start_error, started)
+
+    async def _supervise(
+        self, job: _Job, process: subprocess.Popen[bytes], sink: OutputSink
+    ) -> _Exit:
+        """Stream output, enforce the wall clock and stop requests, reap, kill leftovers, drain."""
+        assert process.stdout is not None and process.stderr is not None
+        tail = OutputTail()
+        readers = [await open_pipe_reader(process.stdout), await open_pipe_reader(process.stderr)]
+        pumps = [
+            asyncio.create_task(self._pump(job, readers[0][0], "stdout", sink, None)),
+            asyncio.create_task(self._pump(job, readers[1][0], "stderr", sink, tail)),
+        ]
+        exit_task = asyncio.create_task(procs.wait_for_exit(process.pid))
+        try:
+            await self._wait_or_stop(job, exit_task)
+            status, usage = await exit_task
+            process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+            leftovers = await procs.kill_until_gone(job.find_processes)
+            if leftovers:
+                logger.error("job %s: processes %s survived SIGKILL", job.spec.job_id, leftovers)
+            await self._drain(pumps, [transport for _, transport in readers])
+        except BaseException:
+            await asyncio.shield(_kill_and_reap(job, exit_task, process))
+            for task in pumps:
+                task.cancel()
+            raise
+        finally:
+            for _, transport in readers:
+                transport.close()
+        cpu = usage.ru_utime + usage.ru_stime
+        return _Exit(status, cpu, usage.ru_maxrss * 1024, tail.lines())
+
+    async def _wait_or_stop(self, job: _Job, exit_task: asyncio.Task[Any]) -> None:
+        """Return when the main process has exited, or stop the job first (timeout, cancel)."""
+        stop_task = asyncio.create_task(job.stop_requested.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {exit_task, stop_task},
+                timeout=job.spec.limits.wall_clock_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stop_task.cancel()
+        if exit_task in done:
+            return
+        job.request_stop(FailureReason.TIMEOUT)  # keeps an earlier CANCELLED
+        job.stopped_by = job.stop_reason
+        procs.signal_processes(job.find_processes(spare_sandbox=True), signal.SIGTERM)
+        await asyncio.wait({exit_task}, timeout=self._kill_grace)
+        while not exit_task.done():
+            job.kill_all()
+            await asyncio.wait({exit_task}, timeout=0.05)
+
+    async def _pump(
+        self,
+        job: _Job,
+        reader: asyncio.StreamReader,
+        stream: str,
+        sink: OutputSink,
+        tail: OutputTail | None,
+    ) -> None:
+        try:
+            await pump_lines(reader, stream, sink, tail)
+        except Exception as error:  # the sink failed: stop the job, re-raise from run()
+            job.sink_error = error
+            job.request_stop(FailureReason.CANCELLED)
+
+    async def _drain(
+        self, pumps: list[asyncio.Task[None]], transports: list[asyncio.BaseTransport]
+    ) -> None:
+        _, pending = await asyncio.wait(pumps, timeout=self._drain_timeout)
+        if pending:
+            # An escaped process still holds a pipe: stop reading; what is buffered still arrives.
+            for transport in transports:
+                transport.close()
+            await asyncio.wait(pending)
+
+    # ------------------------------------------------------------ results
+
+    def _result(self, job: _Job, ended: _Exit, start_error: str, started: float) -> RunResult:
+        spec = job.spec
+        if start_error:
+            return _start_failed(spec, started, f"Could not start the job: {start_error}.")
+        exit_code = os.waitstatus_to_exitcode(ended.status)
+        if job.uses_bwrap:
+            if exit_code == 1 and ended.stderr_tail[-1:] and _is_bwrap_error(ended.stderr_tail):
+                return _start_failed(
+                    spec, started, f"Could not start the job: {ended.stderr_tail[-1]}"
+                )
+            if 128 < exit_code < 128 + signal.NSIG:
+                exit_code = 128 - exit_code  # bwrap reports death by signal N as 128 + N
+        cgroup = job.cgroup
+        cpu = cgroup.cpu_seconds() if cgroup else None
+        peak = cgroup.peak_memory_bytes() if cgroup else None
+        facts = ExitFacts(
+            exit_code=exit_code,
+            limits=spec.limits,
+            stopped_by=job.stopped_by,
+            oom_kills=cgroup.oom_kills() if cgroup else 0,
+            pids_limit_hits=cgroup.pids_limit_hits() if cgroup else 0,
+            cpu_seconds=cpu if cpu is not None else ended.cpu_seconds,
+            stderr_tail=ended.stderr_tail,
+        )
+        reason, message = classify(facts)
+        return RunResult(
+            exit_code=exit_code,
+            duration_seconds=time.monotonic() - started,
+            failure_reason=reason,
+            message=message,
+            peak_memory_bytes=peak if peak else ended.max_rss_bytes,
+            cpu_seconds=facts.cpu_seconds,
+            outputs_dir=spec.workdir / "outputs",
+        )
+
+
+def _is_bwrap_error(stderr_tail: list[str]) -> bool:
+    return stderr_tail[-1].startswith("bwrap: ")
+
+
+def _start_failed(spec: RunSpec, started: float, message: str) -> RunResult:
+    return _result(spec, started, None, FailureReason.START_FAILED, message)
+
+
+def _result(
+    spec: RunSpec,
+    started: float,
+    exit_code: int | None,
+    reason: FailureReason | None,
+    message: str,
+) -> RunResult:
+    return RunResult(
+        exit_code=exit_code,
+        duration_seconds=time.monotonic() - started,
+        failure_reason=reason,
+        message=message,
+        peak_memory_bytes=None,
+        cpu_seconds=None,
+        outputs_dir=spec.workdir / "outputs",
+    )
+
+
+async def _kill_and_reap(
+    job: _Job, exit_task: asyncio.Task[Any], process: subprocess.Popen[bytes]
+) -> None:
+    """Last-resort cleanup when ``run`` itself is cancelled: SIGKILL everything, reap."""
+    exit_task.cancel()
+    job.kill_all()
+    try:
+        status, _ = await procs.wait_for_exit(process.pid)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        process.returncode = -signal.SIGKILL  # exit_task had reaped it already
+    await procs.kill_until_gone(job.find_processes)
+
+
+async def _remove_cgroup(cgroup: JobCgroup | None) -> None:
+    """Remove the job's cgroup; a just-killed process may take a moment to leave it."""
+    if cgroup is None:
+        return
+    for _ in range(50):
+        if cgroup.remove():
+            return
+        await asyncio.sleep(0.02)
+    logger.warning("could not remove a job cgroup: %s", cgroup.procs_files)

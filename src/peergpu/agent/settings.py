@@ -1,0 +1,54 @@
+"""Settings of ``peergpu agent`` (env prefix ``PEERGPU_AGENT_``), passed in explicitly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+RunnerName = Literal["process", "docker"]
+
+
+def _default_runners() -> list[RunnerName]:
+    return ["process"]
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PEERGPU_AGENT_", extra="ignore")
+
+    state_dir: Path = Path.home() / ".peergpu-agent"
+    simulate: str = Field(default="", description='simulated GPUs, e.g. "H100x2,RTX4090"')
+    runners: list[RunnerName] = Field(default_factory=_default_runners)
+    heartbeat_seconds: float | None = Field(
+        default=None, gt=0, description="override the server's heartbeat interval"
+    )
+    backoff_initial_seconds: float = Field(default=1.0, gt=0)
+    backoff_max_seconds: float = Field(default=60.0, gt=0)
+    max_unacked_log_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    work_dir: Path | None = Field(
+        default=None,
+        description="job work dirs; default state_dir/work, or /var/lib/peergpu-agent/work as "
+        "root (jobs run as an unprivileged user, who must be able to traverse every parent)",
+    )
+    keep_work_dirs: bool = False
+    run_as: str = Field(default="", description="unprivileged user for jobs when root")
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.state_dir / "credentials.json"
+
+    @property
+    def work_root(self) -> Path:
+        if self.work_dir is not None:
+            return self.work_dir
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            return Path("/var/lib/peergpu-agent/work")
+        return self.state_dir / "work"
+
+    @property
+    def nonce_path(self) -> Path:
+        return self.state_dir / "seen-nonces.json"

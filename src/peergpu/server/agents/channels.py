@@ -1,0 +1,40 @@
+"""Bus channel and stream names shared by the agent hub and the services that use it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+#: Control messages on a host channel, handled by the hub and never forwarded to the agent.
+SUPERSEDED_CONTROL = "_superseded"
+REVOKED_CONTROL = "_revoked"
+_CONTROL_PREFIX = b'{"_control": '
+
+
+def control_message(kind: str, **fields: str) -> bytes:
+    return _CONTROL_PREFIX + json.dumps({"kind": kind, **fields}).encode() + b"}"
+
+
+def parse_control(data: bytes) -> dict[str, str] | None:
+    """The control message in ``data``, or None for a message meant for the agent (agent
+    messages are protocol models, whose JSON starts with their ``type``)."""
+    if not data.startswith(_CONTROL_PREFIX):
+        return None
+    parsed: dict[str, dict[str, str]] = json.loads(data)
+    return parsed["_control"]
+
+
+def host_channel(host_id: uuid.UUID) -> str:
+    """Pub/sub channel the replica holding a host's socket listens on."""
+    return f"host:{host_id}"
+
+
+def job_logs_stream(job_id: uuid.UUID) -> str:
+    """Log batches of a job as they arrive (JSON ``LogBatch``); at least once, deduplicate by
+    line ``seq``."""
+    return f"joblogs:{job_id}"
+
+
+def job_events_stream(job_id: uuid.UUID) -> str:
+    """What a host said about a job (manifest_ack, job_status, artifact_report), in order."""
+    return f"jobevents:{job_id}"

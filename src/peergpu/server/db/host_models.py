@@ -1,0 +1,97 @@
+"""Host-side tables: hosts, their GPUs, enrolment tokens and online sessions (for uptime)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from peergpu.server.db.base import Base, CreatedAtMixin, IdMixin
+
+
+class HostStatus(StrEnum):
+    online = "online"
+    offline = "offline"
+
+
+class HostModel(IdMixin, CreatedAtMixin, Base):
+    __tablename__ = "hosts"
+
+    owner_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    region: Mapped[str] = mapped_column(String(64), default="")
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: Micro-dollars per GPU-hour; None means not priced yet (the host gets no jobs).
+    price_per_gpu_hour_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    paused: Mapped[bool] = mapped_column(default=False)
+    verified: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(16), default=HostStatus.offline.value)
+    credential_prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    credential_hash: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    os: Mapped[str] = mapped_column(String(255), default="")
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    protocol_version: Mapped[int | None] = mapped_column(default=None)
+    gpu_probe: Mapped[str] = mapped_column(String(32), default="")
+    runners: Mapped[list[str]] = mapped_column(JSON, default=list)
+    connection_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class HostGpuModel(IdMixin, Base):
+    __tablename__ = "host_gpus"
+    __table_args__ = (UniqueConstraint("host_id", "index", name="uq_host_gpus_host_id_index"),)
+
+    host_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    uuid: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    memory_total_mib: Mapped[int]
+    driver_version: Mapped[str] = mapped_column(String(64), default="")
+    cuda_version: Mapped[str | None] = mapped_column(String(16), default=None)
+    compute_capability: Mapped[str | None] = mapped_column(String(16), default=None)
+    utilization_percent: Mapped[float | None] = mapped_column(default=None)
+    memory_used_mib: Mapped[int | None] = mapped_column(default=None)
+    temperature_c: Mapped[float | None] = mapped_column(default=None)
+    power_watts: Mapped[float | None] = mapped_column(default=None)
+    sampled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class EnrollmentTokenModel(IdMixin, CreatedAtMixin, Base):
+    """A one-time token a host owner hands to ``peergpu agent enroll``. Settings given here
+    (name, region, tags, price) become the new host's."""
+
+    __tablename__ = "enrollment_tokens"
+
+    owner_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    region: Mapped[str] = mapped_column(String(64), default="")
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    price_per_gpu_hour_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    host_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("hosts.id", ondelete="SET NULL"), default=None
+    )
+
+
+class HostSessionModel(IdMixin, Base):
+    """One stretch of time a host was online; uptime is the share of a window they cover."""
+
+    __tablename__ = "host_sessions"
+    __table_args__ = (Index("ix_host_sessions_host_started", "host_id", "started_at"),)
+
+    host_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    connection_id: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)

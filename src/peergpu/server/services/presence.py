@@ -1,0 +1,172 @@
+"""Host presence: connected, heartbeating, disconnected, or silently gone.
+
+A host is online while one of its agent sockets is open and heartbeating. Each connection has
+an id; when an agent reconnects (maybe to another replica) the newest connection wins, and
+updates from an older one are ignored. Every transition is a conditional UPDATE, so replicas
+that race (a socket closing on one while the sweeper runs on another) never double-apply.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from peergpu.protocol.messages import GpuSampleSpec, Hello
+from peergpu.server.db.base import utcnow
+from peergpu.server.db.host_models import HostGpuModel, HostModel, HostSessionModel, HostStatus
+
+
+async def mark_connected(
+    *,
+    session: AsyncSession,
+    host_id: uuid.UUID,
+    connection_id: str,
+    hello: Hello,
+    protocol_version: int,
+) -> None:
+    """Record a new connection: host facts and GPUs from ``hello``, online, a new session."""
+    now = utcnow()
+    await _close_open_sessions(session, host_id, now)
+    await session.execute(
+        update(HostModel)
+        .where(HostModel.id == host_id)
+        .values(
+            status=HostStatus.online.value,
+            connection_id=connection_id,
+            last_seen_at=now,
+            hostname=hello.hostname,
+            os=hello.os,
+            agent_version=hello.agent_version,
+            protocol_version=protocol_version,
+            gpu_probe=hello.gpu_probe,
+            runners=list(hello.runners),
+        )
+    )
+    await _replace_gpus(session, host_id, hello)
+    session.add(HostSessionModel(host_id=host_id, connection_id=connection_id, started_at=now))
+    await session.commit()
+
+
+async def record_heartbeat(
+    *,
+    session: AsyncSession,
+    host_id: uuid.UUID,
+    connection_id: str,
+    samples: list[GpuSampleSpec],
+) -> bool:
+    """Note that the host is alive and store its GPU samples; False if this connection has
+    been superseded by a newer one (the caller should close it)."""
+    now = utcnow()
+    result = await session.execute(
+        update(HostModel)
+        .where(HostModel.id == host_id, HostModel.connection_id == connection_id)
+        .values(last_seen_at=now, status=HostStatus.online.value)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        return False
+    for sample in samples:
+        await session.execute(
+            update(HostGpuModel)
+            .where(HostGpuModel.host_id == host_id, HostGpuModel.index == sample.index)
+            .values(
+                utilization_percent=sample.utilization_percent,
+                memory_used_mib=sample.memory_used_mib,
+                temperature_c=sample.temperature_c,
+                power_watts=sample.power_watts,
+                sampled_at=now,
+            )
+        )
+    await session.commit()
+    return True
+
+
+async def mark_disconnected(
+    *, session: AsyncSession, host_id: uuid.UUID, connection_id: str
+) -> bool:
+    """The socket closed. Offline only if this was still the host's current connection."""
+    now = utcnow()
+    result = await session.execute(
+        update(HostModel)
+        .where(HostModel.id == host_id, HostModel.connection_id == connection_id)
+        .values(status=HostStatus.offline.value, connection_id=None)
+    )
+    await session.execute(
+        update(HostSessionModel)
+        .where(
+            HostSessionModel.host_id == host_id,
+            HostSessionModel.connection_id == connection_id,
+            HostSessionModel.ended_at.is_(None),
+        )
+        .values(ended_at=now)
+    )
+    await session.commit()
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def sweep_silent_hosts(
+    *, session: AsyncSession, silent_for: timedelta, now: datetime | None = None
+) -> list[uuid.UUID]:
+    """Mark offline every online host not heard from for ``silent_for`` (missed heartbeats,
+    or a replica that died holding its socket). Their sessions end at their last heartbeat."""
+    now = now or utcnow()
+    cutoff = now - silent_for
+    stale = list(
+        await session.execute(
+            select(HostModel.id, HostModel.connection_id, HostModel.last_seen_at).where(
+                HostModel.status == HostStatus.online.value, HostModel.last_seen_at < cutoff
+            )
+        )
+    )
+    gone: list[uuid.UUID] = []
+    for host_id, connection_id, last_seen in stale:
+        result = await session.execute(
+            update(HostModel)
+            .where(
+                HostModel.id == host_id,
+                HostModel.status == HostStatus.online.value,
+                HostModel.last_seen_at < cutoff,
+            )
+            .values(status=HostStatus.offline.value, connection_id=None)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            gone.append(host_id)
+            await session.execute(
+                update(HostSessionModel)
+                .where(
+                    HostSessionModel.host_id == host_id,
+                    HostSessionModel.connection_id == (connection_id or ""),
+                    HostSessionModel.ended_at.is_(None),
+                )
+                .values(ended_at=last_seen or now)
+            )
+    await session.commit()
+    return gone
+
+
+async def _close_open_sessions(session: AsyncSession, host_id: uuid.UUID, now: datetime) -> None:
+    await session.execute(
+        update(HostSessionModel)
+        .where(HostSessionModel.host_id == host_id, HostSessionModel.ended_at.is_(None))
+        .values(ended_at=now)
+    )
+
+
+async def _replace_gpus(session: AsyncSession, host_id: uuid.UUID, hello: Hello) -> None:
+    await session.execute(delete(HostGpuModel).where(HostGpuModel.host_id == host_id))
+    for gpu in hello.gpus:
+        session.add(
+            HostGpuModel(
+                host_id=host_id,
+                index=gpu.index,
+                uuid=gpu.uuid,
+                model=gpu.model,
+                memory_total_mib=gpu.memory_total_mib,
+                driver_version=gpu.driver_version,
+                cuda_version=gpu.cuda_version,
+                compute_capability=gpu.compute_capability,
+            )
+        )

@@ -1,0 +1,210 @@
+"""Real servers and real agents for end-to-end tests.
+
+``ThreadedServer`` runs uvicorn with our app in a background thread with its own event loop:
+agents reach it over real sockets, and the test reaches the running app's bus and database by
+scheduling coroutines on that loop (``call``). ``AgentProcess`` runs ``peergpu agent`` as a
+separate process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+
+from peergpu.config import ServerSettings
+from peergpu.server.app import create_app
+from peergpu.server.context import ServerContext
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ThreadedServer:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30) -> ThreadedServer:
+        app = create_app(self.settings)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.settings.port,
+            log_level="warning",
+            lifespan="on",
+            ws_ping_interval=None,
+        )
+        self._server = uvicorn.Server(config)
+        ready = threading.Event()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            loop.call_soon(ready.set)
+            loop.run_until_complete(self._server.serve())  # type: ignore[union-attr]
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="test-server", daemon=True)
+        self._thread.start()
+        ready.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.app = app
+        return self
+
+    @property
+    def context(self) -> ServerContext:
+        context: ServerContext = self.app.state.context
+        return context
+
+    def call(self, make: Callable[[ServerContext], Awaitable[T]], timeout: float = 30) -> T:
+        """Run a coroutine on the server's loop (its engine and bus live there)."""
+        assert self._loop is not None
+
+        async def run() -> T:
+            return await make(self.context)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class AgentProcess:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        simulate: str = "H100x2,RTX4090",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.simulate = simulate
+        self.log_path = state_dir / "agent.log"
+        # Jobs run as an unprivileged user when the tests run as root; pytest's temp dirs are
+        # 0700, so work dirs live in a traversable folder of their own.
+        self.work_dir = Path(tempfile.mkdtemp(prefix="peergpu-e2e-work-"))
+        self.work_dir.chmod(0o711)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PEERGPU_")},
+            "PEERGPU_AGENT_BACKOFF_INITIAL_SECONDS": "0.2",
+            "PEERGPU_AGENT_BACKOFF_MAX_SECONDS": "1",
+            "PEERGPU_AGENT_WORK_DIR": str(self.work_dir),
+            **(extra_env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def enroll(self, server_url: str, token: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "peergpu",
+                "agent",
+                "enroll",
+                "--server",
+                server_url,
+                "--token",
+                token,
+                "--state-dir",
+                str(self.state_dir),
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def start(self, *, heartbeat: float = 0.5) -> AgentProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "peergpu",
+                "agent",
+                "run",
+                "--state-dir",
+                str(self.state_dir),
+                "--simulate",
+                self.simulate,
+                "--heartbeat",
+                str(heartbeat),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> int | None:
+        try:
+            return self._stop()
+        finally:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _stop(self) -> int | None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode if self.process else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 20,
+    what: str = "condition",
+    context: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy (for cross-process waits only)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{context()}" if context else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
+        time.sleep(0.05)
