@@ -10,6 +10,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,20 +44,30 @@ def job_root() -> Iterator[Path]:
 
 
 @pytest.fixture
-def workdir(job_root: Path) -> Path:
+def job_workdir(job_root: Path) -> Path:
+    """A work dir path (not yet created) for one job, under ``job_root``."""
     return job_root / f"job-{uuid.uuid4().hex[:8]}"
 
 
+#: A uid of its own for the rlimits-only mode when root: RLIMIT_NPROC counts every process of
+#: the job's uid, zombies included, so other modes' jobs (as ``nobody``) must not count against
+#: it. That is also how production should use it: one uid per job slot.
+_SLOT_UID = 65533
+
 #: The containment layers a test runs under: all the host allows; without bubblewrap; rlimits
 #: (and, as root, the job user) only, as on a host without bubblewrap or writable cgroups.
-RUNNER_MODES = {
+RUNNER_MODES: dict[str, dict[str, Any]] = {
     "full": {},
     "no-bwrap": {"use_bwrap": False},
-    "rlimits-only": {"use_bwrap": False, "use_cgroups": False},
+    "rlimits-only": {
+        "use_bwrap": False,
+        "use_cgroups": False,
+        **({"run_as": _SLOT_UID} if os.geteuid() == 0 else {}),
+    },
 }
 
 
 @pytest.fixture(params=list(RUNNER_MODES))
-def runner(request: pytest.FixtureRequest) -> ProcessRunner:
+def process_runner(request: pytest.FixtureRequest) -> ProcessRunner:
     """The process runner in each containment mode (see ``RUNNER_MODES``)."""
     return ProcessRunner(kill_grace_seconds=1.0, **RUNNER_MODES[request.param])

@@ -43,13 +43,13 @@ class Collector:
         return [line for name, line in self.lines if name == stream]
 
 
-def make_spec(workdir: Path, command: list[str], **limits: object) -> RunSpec:
+def make_spec(job_workdir: Path, command: list[str], **limits: object) -> RunSpec:
     """A spec carrying a unique marker in its environment, to find its processes afterwards."""
     marker = uuid.uuid4().hex
     return RunSpec(
         job_id=f"test-{marker[:12]}",
         command=command,
-        workdir=workdir,
+        workdir=job_workdir,
         env={"PEERGPU_TEST_MARKER": marker},
         limits=ResourceLimits(**limits),  # type: ignore[arg-type]
     )
@@ -88,15 +88,17 @@ async def loop_lag() -> AsyncIterator[list[float]]:
     task.cancel()
 
 
-async def run(runner: ProcessRunner, spec: RunSpec, sink: Collector | None = None) -> RunResult:
-    return await runner.run(spec, sink or Collector())
+async def run(
+    process_runner: ProcessRunner, spec: RunSpec, sink: Collector | None = None
+) -> RunResult:
+    return await process_runner.run(spec, sink or Collector())
 
 
 # ---------------------------------------------------------------- output and environment
 
 
 async def test_lines_arrive_in_order_per_stream(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     script = (
         "import sys\n"
@@ -105,85 +107,106 @@ async def test_lines_arrive_in_order_per_stream(
         "    print(f'err {i} é', file=sys.stderr, flush=True)\n"
     )
     sink = Collector()
-    result = await run(runner, make_spec(workdir, [job_python, "-c", script]), sink)
+    result = await run(process_runner, make_spec(job_workdir, [job_python, "-c", script]), sink)
     assert result.failure_reason is None, result.message
     assert result.exit_code == 0
     assert result.message == "Exited with code 0."
     assert sink.of("stdout") == [f"out {i}" for i in range(300)]
     assert sink.of("stderr") == [f"err {i} é" for i in range(300)]
-    assert result.cpu_seconds is not None and result.peak_memory_bytes
+    assert result.cpu_seconds is not None
     assert result.duration_seconds < 10
 
 
-async def test_nonzero_exit(runner: ProcessRunner, workdir: Path) -> None:
-    result = await run(runner, make_spec(workdir, ["sh", "-c", "echo bye; exit 3"]))
+async def test_nonzero_exit(process_runner: ProcessRunner, job_workdir: Path) -> None:
+    result = await run(process_runner, make_spec(job_workdir, ["sh", "-c", "echo bye; exit 3"]))
     assert result.failure_reason is FailureReason.NONZERO_EXIT
     assert result.exit_code == 3
     assert result.message == "Exited with code 3."
 
 
 async def test_environment_is_scrubbed(
-    runner: ProcessRunner, workdir: Path, job_python: str, monkeypatch: pytest.MonkeyPatch
+    process_runner: ProcessRunner,
+    job_workdir: Path,
+    job_python: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PEERGPU_SECRET_TEST", "1")
     spec = make_spec(
-        workdir, [job_python, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+        job_workdir, [job_python, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
     )
     spec = RunSpec(**{**_fields(spec), "env": {**spec.env, "JOB_SETTING": "a b $c"}})
     sink = Collector()
-    result = await run(runner, spec, sink)
+    result = await run(process_runner, spec, sink)
     assert result.failure_reason is None, result.message
     env = json.loads(sink.of("stdout")[0])
     assert "PEERGPU_SECRET_TEST" not in env
     assert env["JOB_SETTING"] == "a b $c"
-    assert env["HOME"] == str(workdir)
-    assert env["PEERGPU_OUTPUT_DIR"] == str(workdir / "outputs")
+    assert env["HOME"] == str(job_workdir)
+    assert env["PEERGPU_OUTPUT_DIR"] == str(job_workdir / "outputs")
     assert env["PEERGPU_JOB_ID"] == spec.job_id
     assert env["CUDA_VISIBLE_DEVICES"] == ""
 
 
-async def test_outputs_land_in_outputs_dir(runner: ProcessRunner, workdir: Path) -> None:
+async def test_outputs_land_in_outputs_dir(
+    process_runner: ProcessRunner, job_workdir: Path
+) -> None:
     command = ["sh", "-c", 'echo result > "$PEERGPU_OUTPUT_DIR/result.txt"']
-    result = await run(runner, make_spec(workdir, command))
+    result = await run(process_runner, make_spec(job_workdir, command))
     assert result.failure_reason is None, result.message
-    assert result.outputs_dir == workdir / "outputs"
+    assert result.outputs_dir == job_workdir / "outputs"
     assert (result.outputs_dir / "result.txt").read_text() == "result\n"
 
 
 async def test_job_runs_unprivileged_when_agent_is_root(
-    runner: ProcessRunner, workdir: Path
+    process_runner: ProcessRunner, job_workdir: Path
 ) -> None:
     sink = Collector()
-    await run(runner, make_spec(workdir, ["id", "-u"]), sink)
-    expected = "65534" if os.geteuid() == 0 else str(os.geteuid())
-    assert sink.of("stdout") == [expected]
+    await run(process_runner, make_spec(job_workdir, ["id", "-u"]), sink)
+    uid = int(sink.of("stdout")[0])
+    assert uid != 0 if os.geteuid() == 0 else uid == os.geteuid()
 
 
-async def test_command_not_found_is_start_failed(runner: ProcessRunner, workdir: Path) -> None:
-    result = await run(runner, make_spec(workdir, ["peergpu-no-such-command"]))
+async def test_command_not_found_is_start_failed(
+    process_runner: ProcessRunner, job_workdir: Path
+) -> None:
+    result = await run(process_runner, make_spec(job_workdir, ["peergpu-no-such-command"]))
     assert result.failure_reason is FailureReason.START_FAILED
     assert result.exit_code is None
     assert "peergpu-no-such-command" in result.message
 
 
-async def test_invalid_spec_is_start_failed(runner: ProcessRunner, workdir: Path) -> None:
-    spec = make_spec(workdir, ["true"])
+async def test_invalid_spec_is_start_failed(
+    process_runner: ProcessRunner, job_workdir: Path
+) -> None:
+    spec = make_spec(job_workdir, ["true"])
     bad_env = RunSpec(**{**_fields(spec), "env": {"BAD-NAME": "x"}})
-    result = await run(runner, bad_env)
+    result = await run(process_runner, bad_env)
     assert result.failure_reason is FailureReason.START_FAILED
     assert "BAD-NAME" in result.message
-    workdir.parent.mkdir(exist_ok=True)
-    workdir.write_text("not a directory")
-    result = await run(runner, spec)
+    job_workdir.parent.mkdir(exist_ok=True)
+    job_workdir.write_text("not a directory")
+    result = await run(process_runner, spec)
     assert result.failure_reason is FailureReason.START_FAILED
     assert "not a directory" in result.message
+
+
+async def test_unreachable_workdir_is_explained(
+    process_runner: ProcessRunner, tmp_path: Path
+) -> None:
+    if (await process_runner.detect()).user is None:
+        pytest.skip("jobs run as the agent's own user here")
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    result = await run(process_runner, make_spec(hidden / "job", ["true"]))
+    assert result.failure_reason is FailureReason.START_FAILED
+    assert "cannot reach" in result.message and "0700" in result.message
 
 
 # ---------------------------------------------------------------- limits and containment
 
 
 async def test_fork_bomb_is_contained(
-    runner: ProcessRunner, workdir: Path, job_python: str, loop_lag: list[float]
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str, loop_lag: list[float]
 ) -> None:
     bomb = (
         "import os, time\n"
@@ -193,8 +216,8 @@ async def test_fork_bomb_is_contained(
         "    except OSError:\n"
         "        time.sleep(0.01)\n"
     )
-    spec = make_spec(workdir, [job_python, "-c", bomb], max_processes=64, wall_clock_seconds=2)
-    result = await run(runner, spec)
+    spec = make_spec(job_workdir, [job_python, "-c", bomb], max_processes=64, wall_clock_seconds=2)
+    result = await run(process_runner, spec)
     assert result.failure_reason in (FailureReason.TIMEOUT, FailureReason.PROCESS_LIMIT)
     assert result.duration_seconds < 2 + 1 + 5  # wall clock, grace, reaping by a slow init
     assert processes_of(spec) == set()
@@ -202,29 +225,55 @@ async def test_fork_bomb_is_contained(
 
 
 async def test_fork_bomb_that_crashes_reports_process_limit(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     bomb = "import os\nwhile True:\n    os.fork()\n"
-    spec = make_spec(workdir, [job_python, "-c", bomb], max_processes=32, wall_clock_seconds=10)
-    result = await run(runner, spec)
+    spec = make_spec(job_workdir, [job_python, "-c", bomb], max_processes=32, wall_clock_seconds=10)
+    result = await run(process_runner, spec)
     assert result.failure_reason is FailureReason.PROCESS_LIMIT, result.message
     assert "32" in result.message
     assert processes_of(spec) == set()
 
 
 async def test_memory_hog_hits_memory_limit(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 * 1024))\n"
-    spec = make_spec(workdir, [job_python, "-c", hog], memory_bytes=256 * MiB)
-    result = await run(runner, spec)
+    spec = make_spec(job_workdir, [job_python, "-c", hog], memory_bytes=256 * MiB)
+    result = await run(process_runner, spec)
     assert result.failure_reason is FailureReason.MEMORY_LIMIT, result.message
     assert "256 MiB" in result.message
     assert result.duration_seconds < 5
+    assert result.peak_memory_bytes is not None and result.peak_memory_bytes > 128 * MiB
+
+
+async def test_memory_cgroup_limits_the_whole_tree(
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
+) -> None:
+    setup = await process_runner.detect()
+    if setup.cgroups is None or setup.cgroups.memory_parent is None:
+        pytest.skip("no writable memory cgroup here")
+    # Two processes of 100 MiB each: both under the per-process RLIMIT_DATA, together over.
+    script = (
+        "import os, sys, time\n"
+        "child = os.fork()\n"
+        "data = bytearray(100 * 1024 * 1024)\n"
+        "for i in range(0, len(data), 4096):\n"
+        "    data[i] = 1\n"
+        "if child == 0:\n"
+        "    time.sleep(5)\n"
+        "    os._exit(0)\n"
+        "sys.exit(0 if os.waitpid(child, 0)[1] == 0 else 1)\n"
+    )
+    spec = make_spec(job_workdir, [job_python, "-c", script], memory_bytes=128 * MiB)
+    result = await run(process_runner, spec)
+    assert result.failure_reason is FailureReason.MEMORY_LIMIT, result.message
+    assert result.message == "Killed after exceeding the 128 MiB memory limit."
+    assert processes_of(spec) == set()
 
 
 async def test_runaway_loop_and_its_child_are_killed_on_timeout(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     script = (
         "import subprocess, sys\n"
@@ -233,10 +282,10 @@ async def test_runaway_loop_and_its_child_are_killed_on_timeout(
         "while True:\n"
         "    pass\n"
     )
-    spec = make_spec(workdir, [job_python, "-c", script], wall_clock_seconds=1)
+    spec = make_spec(job_workdir, [job_python, "-c", script], wall_clock_seconds=1)
     sink = Collector()
     started = time.monotonic()
-    result = await run(runner, spec, sink)
+    result = await run(process_runner, spec, sink)
     assert time.monotonic() - started < 3
     assert result.failure_reason is FailureReason.TIMEOUT
     assert result.message == "Stopped after exceeding the 1 s wall-clock limit."
@@ -244,30 +293,32 @@ async def test_runaway_loop_and_its_child_are_killed_on_timeout(
     assert len(sink.of("stdout")) == 1  # the child started (its pid is in its own namespace)
 
 
-async def test_cpu_time_limit(runner: ProcessRunner, workdir: Path, job_python: str) -> None:
-    spec = make_spec(workdir, [job_python, "-c", "while True: pass"], cpu_seconds=1)
-    result = await run(runner, spec)
+async def test_cpu_time_limit(
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
+) -> None:
+    spec = make_spec(job_workdir, [job_python, "-c", "while True: pass"], cpu_seconds=1)
+    result = await run(process_runner, spec)
     assert result.failure_reason is FailureReason.CPU_LIMIT, result.message
     assert result.duration_seconds < 5
 
 
 @pytest.mark.parametrize("how", ["EFBIG", "SIGXFSZ"])
 async def test_file_size_limit(
-    how: str, runner: ProcessRunner, workdir: Path, job_python: str
+    how: str, process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     # Python ignores SIGXFSZ and sees EFBIG; most other programs die of the signal.
     reset = (
         "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n" if how == "SIGXFSZ" else ""
     )
     script = reset + "open('big', 'wb').write(b'x' * 2_000_000)\n"
-    spec = make_spec(workdir, [job_python, "-c", script], max_file_bytes=1_000_000)
-    result = await run(runner, spec)
+    spec = make_spec(job_workdir, [job_python, "-c", script], max_file_bytes=1_000_000)
+    result = await run(process_runner, spec)
     assert result.failure_reason is FailureReason.FILE_SIZE_LIMIT, result.message
-    assert (workdir / "big").stat().st_size <= 1_000_000
+    assert (job_workdir / "big").stat().st_size <= 1_000_000
 
 
 async def test_cancel_stops_a_running_job(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     started = asyncio.Event()
 
@@ -275,29 +326,29 @@ async def test_cancel_stops_a_running_job(
         started.set()
 
     script = "import time\nprint('up', flush=True)\ntime.sleep(60)\n"
-    spec = make_spec(workdir, [job_python, "-c", script])
-    task = asyncio.create_task(runner.run(spec, sink))
+    spec = make_spec(job_workdir, [job_python, "-c", script])
+    task = asyncio.create_task(process_runner.run(spec, sink))
     await asyncio.wait_for(started.wait(), 10)
-    await runner.cancel(spec.job_id)
+    await process_runner.cancel(spec.job_id)
     result = await asyncio.wait_for(task, 10)
     assert result.failure_reason is FailureReason.CANCELLED
     assert result.duration_seconds < 5
     assert processes_of(spec) == set()
-    await runner.cancel(spec.job_id)  # unknown now: a no-op
+    await process_runner.cancel(spec.job_id)  # unknown now: a no-op
 
 
 async def test_cancelling_the_run_task_kills_the_job(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     spec = make_spec(
-        workdir, [job_python, "-c", "import time; print('up', flush=True); time.sleep(60)"]
+        job_workdir, [job_python, "-c", "import time; print('up', flush=True); time.sleep(60)"]
     )
     up = asyncio.Event()
 
     async def sink(stream: str, line: str) -> None:
         up.set()
 
-    task = asyncio.create_task(runner.run(spec, sink))
+    task = asyncio.create_task(process_runner.run(spec, sink))
     await asyncio.wait_for(up.wait(), 10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -306,7 +357,7 @@ async def test_cancelling_the_run_task_kills_the_job(
 
 
 async def test_daemonized_grandchild_dies_with_the_job(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     script = (
         "import os, time\n"
@@ -317,23 +368,23 @@ async def test_daemonized_grandchild_dies_with_the_job(
         "    os._exit(0)\n"
         "time.sleep(0.3)\n"
     )
-    spec = make_spec(workdir, [job_python, "-c", script])
-    result = await run(runner, spec)
+    spec = make_spec(job_workdir, [job_python, "-c", script])
+    result = await run(process_runner, spec)
     assert result.failure_reason is None, result.message
     assert processes_of(spec) == set()
 
 
 async def test_sink_errors_propagate_and_stop_the_job(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     async def broken_sink(stream: str, line: str) -> None:
         raise ConnectionError("server gone")
 
     spec = make_spec(
-        workdir, [job_python, "-c", "import time; print('x', flush=True); time.sleep(60)"]
+        job_workdir, [job_python, "-c", "import time; print('x', flush=True); time.sleep(60)"]
     )
     with pytest.raises(ConnectionError):
-        await asyncio.wait_for(runner.run(spec, broken_sink), 10)
+        await asyncio.wait_for(process_runner.run(spec, broken_sink), 10)
     assert processes_of(spec) == set()
 
 
@@ -341,7 +392,7 @@ async def test_sink_errors_propagate_and_stop_the_job(
 
 
 async def test_slow_sink_applies_backpressure(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     total_mb = 50
     script = (
@@ -362,24 +413,24 @@ async def test_slow_sink_applies_backpressure(
 
     rss_before = _rss_bytes()
     task = asyncio.create_task(
-        runner.run(make_spec(workdir, [job_python, "-c", script]), slow_sink)
+        process_runner.run(make_spec(job_workdir, [job_python, "-c", script]), slow_sink)
     )
-    await asyncio.sleep(1.5)
-    assert not (workdir / "finished").exists(), "the job wrote everything although nobody read"
+    await asyncio.sleep(1.0)
+    assert not (job_workdir / "finished").exists(), "the job wrote everything although nobody read"
     assert _rss_bytes() - rss_before < 20 * MiB
     gate.set()
     result = await asyncio.wait_for(task, 30)
     assert result.failure_reason is None, result.message
     assert count == total_mb * 1024
-    assert (workdir / "finished").exists()
+    assert (job_workdir / "finished").exists()
 
 
 async def test_long_line_arrives_in_64k_pieces(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
     script = "import sys\nsys.stdout.write('a' * 1_000_000)\nsys.stdout.write('é' * 100_000)\n"
     sink = Collector()
-    result = await run(runner, make_spec(workdir, [job_python, "-c", script]), sink)
+    result = await run(process_runner, make_spec(job_workdir, [job_python, "-c", script]), sink)
     assert result.failure_reason is None, result.message
     pieces = sink.of("stdout")
     assert all(len(piece.encode()) <= MAX_LINE_BYTES for piece in pieces)
@@ -388,7 +439,7 @@ async def test_long_line_arrives_in_64k_pieces(
     assert len(pieces) == -(-1_200_000 // MAX_LINE_BYTES)
 
 
-async def test_log_batcher_is_a_sink(runner: ProcessRunner, workdir: Path) -> None:
+async def test_log_batcher_is_a_sink(process_runner: ProcessRunner, job_workdir: Path) -> None:
     batches: list[list[LogLine]] = []
 
     async def send(batch: list[LogLine]) -> None:
@@ -396,7 +447,7 @@ async def test_log_batcher_is_a_sink(runner: ProcessRunner, workdir: Path) -> No
 
     batcher = LogBatcher(send, first_seq=10)
     command = ["sh", "-c", "for i in $(seq 1 1000); do echo line $i; done"]
-    result = await runner.run(make_spec(workdir, command), batcher.add)
+    result = await process_runner.run(make_spec(job_workdir, command), batcher.add)
     await batcher.close()
     assert result.failure_reason is None
     lines = [line for batch in batches for line in batch]
@@ -407,14 +458,16 @@ async def test_log_batcher_is_a_sink(runner: ProcessRunner, workdir: Path) -> No
 # ---------------------------------------------------------------- bubblewrap
 
 
-async def _require_bwrap(runner: ProcessRunner) -> None:
-    setup = await runner.detect()
+async def _require_bwrap(process_runner: ProcessRunner) -> None:
+    setup = await process_runner.detect()
     if setup.bwrap is None:
         pytest.skip(f"bubblewrap not usable here: {setup.bwrap_problem}")
 
 
-async def test_bwrap_blocks_network(runner: ProcessRunner, workdir: Path, job_python: str) -> None:
-    await _require_bwrap(runner)
+async def test_bwrap_blocks_network(
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
+) -> None:
+    await _require_bwrap(process_runner)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -426,24 +479,24 @@ async def test_bwrap_blocks_network(runner: ProcessRunner, workdir: Path, job_py
             "print('connected')\n"
         )
         sink = Collector()
-        result = await run(runner, make_spec(workdir, [job_python, "-c", script]), sink)
+        result = await run(process_runner, make_spec(job_workdir, [job_python, "-c", script]), sink)
         assert result.failure_reason is None, result.message
         assert sink.of("stdout")[0].startswith("blocked")
         allowed = RunSpec(
             **{
-                **_fields(make_spec(workdir.with_name("net"), [job_python, "-c", script])),
+                **_fields(make_spec(job_workdir.with_name("net"), [job_python, "-c", script])),
                 "network": True,
             }
         )
         sink = Collector()
-        await run(runner, allowed, sink)
+        await run(process_runner, allowed, sink)
         assert sink.of("stdout") == ["connected"]
 
 
 async def test_bwrap_system_is_read_only_and_tmp_private(
-    runner: ProcessRunner, workdir: Path, job_python: str
+    process_runner: ProcessRunner, job_workdir: Path, job_python: str
 ) -> None:
-    await _require_bwrap(runner)
+    await _require_bwrap(process_runner)
     marker = Path("/tmp") / f"peergpu-host-{uuid.uuid4().hex}"
     marker.write_text("host")
     try:
@@ -456,10 +509,10 @@ async def test_bwrap_system_is_read_only_and_tmp_private(
             "open('in-workdir', 'w').write('ok')\n"
         )
         sink = Collector()
-        result = await run(runner, make_spec(workdir, [job_python, "-c", script]), sink)
+        result = await run(process_runner, make_spec(job_workdir, [job_python, "-c", script]), sink)
         assert result.failure_reason is None, result.message
         assert sink.of("stdout") == ["refused 30", "refused 30", "tmp private"]
-        assert (workdir / "in-workdir").read_text() == "ok"
+        assert (job_workdir / "in-workdir").read_text() == "ok"
     finally:
         marker.unlink()
 

@@ -90,6 +90,8 @@ class LogBatcher:
             self._has_room.clear()
             await self._has_room.wait()
             self._raise_if_failed()
+            if self._closing:
+                raise RuntimeError("The log batcher was closed while this line waited.")
         loop = asyncio.get_running_loop()
         entry = LogLine(seq=self._next_seq, stream=stream, line=line, ts=time.time())
         self._next_seq += 1

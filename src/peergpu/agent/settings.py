@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 RunnerName = Literal["process", "docker"]
 
 

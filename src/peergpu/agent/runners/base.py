@@ -102,9 +102,11 @@ class RunResult:
     """How a job ended.
 
     ``exit_code`` is the job's exit status, or ``-N`` if signal N killed it, or ``None`` if it
-    never started. ``peak_memory_bytes`` and ``cpu_seconds`` are ``None`` where unknown
-    (the process runner measures the whole job through cgroups where available, else the main
-    process and the children it waited for).
+    never started. ``peak_memory_bytes`` and ``cpu_seconds`` are ``None`` where unknown. The
+    process runner measures the whole job through cgroups where available (peak memory then
+    includes page cache, as the kernel charges it); otherwise it reports the main process and
+    the children it waited for, and peak memory only when it exceeds the agent's own peak (a
+    forked child starts with its parent's memory counted, so smaller values are meaningless).
     """
 
     exit_code: int | None

@@ -32,19 +32,30 @@ from peergpu.agent.runners.base import (
     RunResult,
     RunSpec,
 )
-from peergpu.agent.runners.outcome import ExitFacts, classify, format_bytes
-from peergpu.agent.runners.prepare import validate_env
+from peergpu.agent.runners.outcome import (
+    ExitFacts,
+    classify,
+    finished,
+    format_bytes,
+    start_failed,
+)
+from peergpu.agent.runners.prepare import chown_tree, validate_env, validate_gpu_ids
 from peergpu.agent.runners.streams import OutputTail, pump_lines
 
 _DOMAIN_PART = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
 _PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# A first component is a registry only if it has a dot or a port, or is localhost (as docker reads
+# it); otherwise it is part of the (lower-case) repository path.
+_REGISTRY = (
+    rf"(?:localhost(?::[0-9]+)?|{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+(?::[0-9]+)?"
+    rf"|{_DOMAIN_PART}:[0-9]+)"
+)
 IMAGE_REFERENCE = re.compile(
-    rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?/)?"  # registry[:port]/
+    rf"(?:{_REGISTRY}/)?"  # registry[:port]/
     rf"{_PATH_PART}(?:/{_PATH_PART})*"  # name
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"  # :tag
     r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"  # @digest
 )
-_GPU_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+")
 _USER = re.compile(r"[0-9]+(?::[0-9]+)?")
 _MOUNT_UNSAFE = re.compile(r"[,\"'=\n\r\0]")
@@ -131,7 +142,7 @@ class DockerRunner(Runner):
     async def run(self, spec: RunSpec, sink: OutputSink) -> RunResult:
         started = time.monotonic()
         if spec.job_id in self._stops:
-            return _start_failed(spec, started, f"Job {spec.job_id} is already running here.")
+            return start_failed(spec, started, f"Job {spec.job_id} is already running here.")
         stop = self._stops[spec.job_id] = asyncio.Event()
         try:
             name = container_name_for(spec.job_id)
@@ -143,9 +154,9 @@ class DockerRunner(Runner):
                 if self._pull:
                     await self._pull_image(spec.image or "")
             except (RunnerError, OSError) as error:
-                return _start_failed(spec, started, str(error))
+                return start_failed(spec, started, str(error))
             if stop.is_set():
-                return _finish(
+                return finished(
                     spec, started, None, FailureReason.CANCELLED, "Cancelled on request."
                 )
             return await self._execute(spec, command, name, stop, sink, started)
@@ -175,7 +186,7 @@ class DockerRunner(Runner):
                 limit=MAX_LINE_BYTES,
             )
         except OSError as error:
-            return _start_failed(spec, started, f"Could not run {self._docker}: {error}")
+            return start_failed(spec, started, f"Could not run {self._docker}: {error}")
         assert process.stdout is not None and process.stderr is not None
         tail = OutputTail()
         sink_errors: list[Exception] = []
@@ -267,18 +278,20 @@ class DockerRunner(Runner):
             raise RunnerError(f"Could not pull {image}: {detail or 'docker pull failed'}")
 
     def _prepare_workdir(self, workdir: Path) -> None:
-        """Create the work dir and ``outputs/`` writable by the container's (numeric) user: owned
-        by it when the agent is root, else world-writable."""
+        """Create the work dir and ``outputs/`` (or adopt a work dir the caller filled) for the
+        container's numeric user: owned by it when the agent is root, else world-writable."""
         if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
             raise RunnerError(f"The work dir {workdir} exists and is not a directory.")
         outputs = workdir / "outputs"
+        if outputs.is_symlink():
+            raise RunnerError(f"{outputs} is a symlink.")
         outputs.mkdir(parents=True, exist_ok=True)
         uid, _, gid = self._user.partition(":")
-        for path in (workdir, outputs):
-            if os.geteuid() == 0:
-                os.chown(path, int(uid), int(gid or uid), follow_symlinks=False)
-                os.chmod(path, 0o700)
-            else:
+        if os.geteuid() == 0:
+            chown_tree(workdir, int(uid), int(gid or uid))
+            os.chmod(workdir, 0o700)
+        else:
+            for path in (workdir, outputs):
                 os.chmod(path, 0o777)
 
 
@@ -301,9 +314,7 @@ async def _pump(
 def _gpu_flags(gpu_ids: tuple[str, ...]) -> list[str]:
     if not gpu_ids:
         return []
-    for gpu_id in gpu_ids:
-        if not _GPU_ID.fullmatch(gpu_id):
-            raise RunnerError(f"Invalid GPU id {gpu_id!r}.")
+    validate_gpu_ids(gpu_ids)
     devices = ",".join(gpu_ids)
     # --gpus takes CSV: several ids must be quoted so the commas are not read as separators.
     return ["--gpus", f'"device={devices}"' if len(gpu_ids) > 1 else f"device={devices}"]
@@ -355,7 +366,7 @@ def _classify(
     lines = tail.lines()
     if docker_exit == 125 and stopped_by is None:
         detail = lines[-1] if lines else "docker run failed"
-        return _start_failed(spec, started, f"Could not start the container: {detail}")
+        return start_failed(spec, started, f"Could not start the container: {detail}")
     # docker reports a container killed by signal N as 128 + N.
     exit_code = 128 - docker_exit if 128 < docker_exit < 128 + signal.NSIG else docker_exit
     facts = ExitFacts(
@@ -368,26 +379,4 @@ def _classify(
             "Killed by SIGKILL; in a container this usually means it exceeded its "
             f"{format_bytes(memory)} memory limit."
         )
-    return _finish(spec, started, exit_code, reason, message)
-
-
-def _start_failed(spec: RunSpec, started: float, message: str) -> RunResult:
-    return _finish(spec, started, None, FailureReason.START_FAILED, message)
-
-
-def _finish(
-    spec: RunSpec,
-    started: float,
-    exit_code: int | None,
-    reason: FailureReason | None,
-    message: str,
-) -> RunResult:
-    return RunResult(
-        exit_code=exit_code,
-        duration_seconds=time.monotonic() - started,
-        failure_reason=reason,
-        message=message,
-        peak_memory_bytes=None,
-        cpu_seconds=None,
-        outputs_dir=spec.workdir / "outputs",
-    )
+    return finished(spec, started, exit_code, reason, message)

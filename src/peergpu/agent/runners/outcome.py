@@ -9,9 +9,10 @@ temporarily unavailable``), which only counts while the matching limit was set.
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass, field
 
-from peergpu.agent.runners.base import FailureReason, ResourceLimits
+from peergpu.agent.runners.base import FailureReason, ResourceLimits, RunResult, RunSpec
 
 _MEMORY_HINTS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory", "ENOMEM")
 _FILE_SIZE_HINTS = ("File too large", "EFBIG", "File size limit exceeded")
@@ -56,6 +57,32 @@ def classify(facts: ExitFacts) -> tuple[FailureReason | None, str]:
         name = signal_name(-facts.exit_code)
         return FailureReason.KILLED_BY_SIGNAL, f"Killed by signal {name}."
     return FailureReason.NONZERO_EXIT, f"Exited with code {facts.exit_code}."
+
+
+def finished(
+    spec: RunSpec,
+    started: float,
+    exit_code: int | None,
+    reason: FailureReason | None,
+    message: str,
+    *,
+    peak_memory_bytes: int | None = None,
+    cpu_seconds: float | None = None,
+) -> RunResult:
+    """The RunResult of a job that started at ``started`` (``time.monotonic()``) and ended now."""
+    return RunResult(
+        exit_code=exit_code,
+        duration_seconds=time.monotonic() - started,
+        failure_reason=reason,
+        message=message,
+        peak_memory_bytes=peak_memory_bytes,
+        cpu_seconds=cpu_seconds,
+        outputs_dir=spec.workdir / "outputs",
+    )
+
+
+def start_failed(spec: RunSpec, started: float, message: str) -> RunResult:
+    return finished(spec, started, None, FailureReason.START_FAILED, message)
 
 
 def format_bytes(count: int) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from peergpu.agent.runners.base import ResourceLimits, RunnerError, RunSpec
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+GPU_ID = re.compile(r"[0-9]+|(?:GPU|MIG)-[A-Za-z0-9/-]+")  # an index, or an NVIDIA UUID
 
 #: The PATH a job starts with (it may set its own in ``spec.env``).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -40,6 +41,7 @@ def validate_spec(spec: RunSpec) -> None:
     if any("\0" in arg for arg in spec.command):
         raise RunnerError("The command contains a NUL character.")
     validate_env(spec.env)
+    validate_gpu_ids(spec.gpu_ids)
     if not spec.workdir.is_absolute():
         raise RunnerError(f"The work dir must be an absolute path, not {spec.workdir}.")
 
@@ -53,6 +55,12 @@ def validate_env(env: dict[str, str]) -> None:
             )
         if "\0" in value:
             raise RunnerError(f"The value of environment variable {name} contains a NUL.")
+
+
+def validate_gpu_ids(gpu_ids: tuple[str, ...]) -> None:
+    for gpu_id in gpu_ids:
+        if not GPU_ID.fullmatch(gpu_id):
+            raise RunnerError(f"Invalid GPU id {gpu_id!r}: use an index or a GPU/MIG UUID.")
 
 
 def resolve_user(run_as: str | int) -> JobUser:
@@ -80,7 +88,7 @@ def prepare_workdir(workdir: Path, user: JobUser | None, *, private_tmp: bool) -
         path.mkdir(mode=0o700, exist_ok=True)
     os.chmod(workdir, 0o700)
     if user is not None:
-        _chown_tree(workdir, user.uid, user.gid)
+        chown_tree(workdir, user.uid, user.gid)
         check_reachable(workdir, user)
 
 
@@ -144,7 +152,8 @@ def rlimits(limits: ResourceLimits, *, limit_nproc: bool) -> list[tuple[str, int
     return result
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Give ``root`` and everything below it to ``uid:gid`` (symlinks themselves, not targets)."""
     os.chown(root, uid, gid, follow_symlinks=False)
     for directory, dirnames, filenames in os.walk(root):
         for name in (*dirnames, *filenames):

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,7 +44,8 @@ from peergpu.agent.runners.base import (
     RunSpec,
 )
 from peergpu.agent.runners.cgroups import CgroupHost, JobCgroup, detect_cgroups
-from peergpu.agent.runners.outcome import ExitFacts, classify
+from peergpu.agent.runners.jobstate import RunningJob, kill_and_reap, remove_cgroup
+from peergpu.agent.runners.outcome import ExitFacts, classify, finished, start_failed
 from peergpu.agent.runners.prepare import (
     JobUser,
     job_environment,
@@ -88,44 +89,11 @@ class HostSetup:
         return f"jobs run {user}; {sandbox}; {cgroups}"
 
 
-@dataclass(slots=True, eq=False)
-class _Job:
-    spec: RunSpec
-    uses_bwrap: bool = False
-    nproc_uid: int | None = None  # the uid whose process count RLIMIT_NPROC limits, if set
-    pid: int | None = None
-    cgroup: JobCgroup | None = None
-    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_reason: FailureReason | None = None  # why a stop was requested
-    stopped_by: FailureReason | None = None  # set once the runner actually stopped the job
-    sink_error: BaseException | None = None
-
-    def request_stop(self, reason: FailureReason) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.stop_requested.set()
-
-    def find_processes(self, *, spare_sandbox: bool = False) -> set[int]:
-        """Every live process of the job; with ``spare_sandbox``, not the bwrap monitor (killing
-        it first would take the whole sandbox down before the job could handle SIGTERM)."""
-        extra = self.cgroup.pids() if self.cgroup is not None else set()
-        marker = f"PEERGPU_JOB_ID={self.spec.job_id}".encode()
-        found = procs.find_processes(session_id=self.pid, env_marker=marker, extra=extra)
-        if spare_sandbox and self.uses_bwrap and self.pid is not None:
-            found.discard(self.pid)
-        return found
-
-    def kill_all(self) -> None:
-        if self.cgroup is not None:
-            self.cgroup.kill()
-        procs.signal_processes(self.find_processes(), signal.SIGKILL)
-
-
 @dataclass(frozen=True, slots=True)
 class _Exit:
     status: int
     cpu_seconds: float
-    max_rss_bytes: int
+    max_rss_bytes: int | None  # the largest single process's peak RSS, if known
     stderr_tail: list[str]
 
 
@@ -164,7 +132,7 @@ class ProcessRunner(Runner):
         self._kill_grace = kill_grace_seconds
         self._drain_timeout = drain_timeout_seconds
         self._python = launcher_python
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, RunningJob] = {}
         self._setup: HostSetup | None = None
         self._setup_lock = asyncio.Lock()
 
@@ -179,18 +147,18 @@ class ProcessRunner(Runner):
     async def run(self, spec: RunSpec, sink: OutputSink) -> RunResult:
         started = time.monotonic()
         if spec.job_id in self._jobs:
-            return _start_failed(spec, started, f"Job {spec.job_id} is already running here.")
-        job = _Job(spec)
+            return start_failed(spec, started, f"Job {spec.job_id} is already running here.")
+        job = RunningJob(spec)
         self._jobs[spec.job_id] = job
         try:
             try:
                 argv, config = await self._prepare(job)
             except (RunnerError, OSError) as error:
-                return _start_failed(spec, started, str(error))
+                return start_failed(spec, started, str(error))
             try:
                 return await self._execute(job, argv, config, sink, started)
             finally:
-                await _remove_cgroup(job.cgroup)
+                await remove_cgroup(job.cgroup)
         finally:
             del self._jobs[spec.job_id]
 
@@ -217,7 +185,7 @@ class ProcessRunner(Runner):
         problem = probe_bwrap(bwrap, uid=uid, gid=gid)
         return (None, problem) if problem else (bwrap, None)
 
-    async def _prepare(self, job: _Job) -> tuple[list[str], dict[str, Any]]:
+    async def _prepare(self, job: RunningJob) -> tuple[list[str], dict[str, Any]]:
         """Check the spec, make the work dir and cgroup; the launcher's argv and configuration."""
         spec = job.spec
         setup = await self.detect()
@@ -255,7 +223,7 @@ class ProcessRunner(Runner):
 
     async def _execute(
         self,
-        job: _Job,
+        job: RunningJob,
         argv: list[str],
         config: dict[str, Any],
         sink: OutputSink,
@@ -263,14 +231,12 @@ class ProcessRunner(Runner):
     ) -> RunResult:
         spec = job.spec
         if job.stop_requested.is_set():
-            return _result(spec, started, None, FailureReason.CANCELLED, "Cancelled on request.")
-        if job.nproc_uid is not None:
+            return finished(spec, started, None, FailureReason.CANCELLED, "Cancelled on request.")
+        if job.nproc_uid is not None and spec.limits.max_processes is not None:
             # Zombies count against RLIMIT_NPROC until their parent (init, for a killed job's
-            # orphans) reaps them; on some hosts that takes seconds. Let them go first.
-            await procs.wait_for_zombies(job.nproc_uid)
-        config_fd = os.memfd_create("peergpu-job-config")
-        os.write(config_fd, json.dumps(config).encode())
-        os.lseek(config_fd, 0, os.SEEK_SET)
+            # orphans) reaps them; on some hosts that takes seconds. Give them that time.
+            await procs.wait_for_process_room(job.nproc_uid, limit=spec.limits.max_processes)
+        config_fd = _config_file(config)
         status_read, status_write = os.pipe()
         try:
             process = subprocess.Popen(
@@ -285,7 +251,7 @@ class ProcessRunner(Runner):
             )
         except OSError as error:
             os.close(status_read)
-            return _start_failed(spec, started, f"Could not start the launcher: {error}")
+            return start_failed(spec, started, f"Could not start the launcher: {error}")
         finally:
             os.close(config_fd)
             os.close(status_write)
@@ -293,6 +259,10 @@ class ProcessRunner(Runner):
         try:
             ended = await self._supervise(job, process, sink)
             start_error = os.read(status_read, 4096).decode("utf-8", "replace")
+        except BaseException:
+            # run() was cancelled (or something broke): never leave the job behind.
+            await asyncio.shield(kill_and_reap(job, process))
+            raise
         finally:
             os.close(status_read)
         if job.sink_error is not None:
@@ -300,18 +270,21 @@ class ProcessRunner(Runner):
         return self._result(job, ended, start_error, started)
 
     async def _supervise(
-        self, job: _Job, process: subprocess.Popen[bytes], sink: OutputSink
+        self, job: RunningJob, process: subprocess.Popen[bytes], sink: OutputSink
     ) -> _Exit:
         """Stream output, enforce the wall clock and stop requests, reap, kill leftovers, drain."""
         assert process.stdout is not None and process.stderr is not None
         tail = OutputTail()
-        readers = [await open_pipe_reader(process.stdout), await open_pipe_reader(process.stderr)]
-        pumps = [
-            asyncio.create_task(self._pump(job, readers[0][0], "stdout", sink, None)),
-            asyncio.create_task(self._pump(job, readers[1][0], "stderr", sink, tail)),
-        ]
-        exit_task = asyncio.create_task(procs.wait_for_exit(process.pid))
+        readers: list[tuple[asyncio.StreamReader, asyncio.BaseTransport]] = []
+        pumps: list[asyncio.Task[None]] = []
+        exit_task: asyncio.Task[tuple[int, Any]] | None = None
         try:
+            readers.append(await open_pipe_reader(process.stdout))
+            readers.append(await open_pipe_reader(process.stderr))
+            pumps.append(asyncio.create_task(self._pump(job, readers[0][0], "stdout", sink, None)))
+            pumps.append(asyncio.create_task(self._pump(job, readers[1][0], "stderr", sink, tail)))
+            agent_peak = _own_peak_rss()
+            exit_task = asyncio.create_task(procs.wait_for_exit(process.pid))
             await self._wait_or_stop(job, exit_task)
             status, usage = await exit_task
             process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
@@ -319,18 +292,17 @@ class ProcessRunner(Runner):
             if leftovers:
                 logger.error("job %s: processes %s survived SIGKILL", job.spec.job_id, leftovers)
             await self._drain(pumps, [transport for _, transport in readers])
-        except BaseException:
-            await asyncio.shield(_kill_and_reap(job, exit_task, process))
+        finally:  # on success all of these are done already
             for task in pumps:
                 task.cancel()
-            raise
-        finally:
+            if exit_task is not None:
+                exit_task.cancel()
             for _, transport in readers:
                 transport.close()
         cpu = usage.ru_utime + usage.ru_stime
-        return _Exit(status, cpu, usage.ru_maxrss * 1024, tail.lines())
+        return _Exit(status, cpu, _job_max_rss(usage.ru_maxrss * 1024, agent_peak), tail.lines())
 
-    async def _wait_or_stop(self, job: _Job, exit_task: asyncio.Task[Any]) -> None:
+    async def _wait_or_stop(self, job: RunningJob, exit_task: asyncio.Task[Any]) -> None:
         """Return when the main process has exited, or stop the job first (timeout, cancel)."""
         stop_task = asyncio.create_task(job.stop_requested.wait())
         try:
@@ -353,7 +325,7 @@ class ProcessRunner(Runner):
 
     async def _pump(
         self,
-        job: _Job,
+        job: RunningJob,
         reader: asyncio.StreamReader,
         stream: str,
         sink: OutputSink,
@@ -377,14 +349,14 @@ class ProcessRunner(Runner):
 
     # ------------------------------------------------------------ results
 
-    def _result(self, job: _Job, ended: _Exit, start_error: str, started: float) -> RunResult:
+    def _result(self, job: RunningJob, ended: _Exit, start_error: str, started: float) -> RunResult:
         spec = job.spec
         if start_error:
-            return _start_failed(spec, started, f"Could not start the job: {start_error}.")
+            return start_failed(spec, started, f"Could not start the job: {start_error}.")
         exit_code = os.waitstatus_to_exitcode(ended.status)
         if job.uses_bwrap:
             if exit_code == 1 and ended.stderr_tail[-1:] and _is_bwrap_error(ended.stderr_tail):
-                return _start_failed(
+                return start_failed(
                     spec, started, f"Could not start the job: {ended.stderr_tail[-1]}"
                 )
             if 128 < exit_code < 128 + signal.NSIG:
@@ -402,14 +374,14 @@ class ProcessRunner(Runner):
             stderr_tail=ended.stderr_tail,
         )
         reason, message = classify(facts)
-        return RunResult(
-            exit_code=exit_code,
-            duration_seconds=time.monotonic() - started,
-            failure_reason=reason,
-            message=message,
-            peak_memory_bytes=peak if peak else ended.max_rss_bytes,
+        return finished(
+            spec,
+            started,
+            exit_code,
+            reason,
+            message,
+            peak_memory_bytes=peak or ended.max_rss_bytes,
             cpu_seconds=facts.cpu_seconds,
-            outputs_dir=spec.workdir / "outputs",
         )
 
 
@@ -417,48 +389,31 @@ def _is_bwrap_error(stderr_tail: list[str]) -> bool:
     return stderr_tail[-1].startswith("bwrap: ")
 
 
-def _start_failed(spec: RunSpec, started: float, message: str) -> RunResult:
-    return _result(spec, started, None, FailureReason.START_FAILED, message)
+def _config_file(config: dict[str, Any]) -> int:
+    """The launcher's configuration in an anonymous in-memory file (never on a command line,
+    never on disk), positioned at its start; the caller closes it."""
+    descriptor = os.memfd_create("peergpu-job-config")
+    with open(descriptor, "wb", closefd=False) as handle:
+        handle.write(json.dumps(config).encode())
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    return descriptor
 
 
-def _result(
-    spec: RunSpec,
-    started: float,
-    exit_code: int | None,
-    reason: FailureReason | None,
-    message: str,
-) -> RunResult:
-    return RunResult(
-        exit_code=exit_code,
-        duration_seconds=time.monotonic() - started,
-        failure_reason=reason,
-        message=message,
-        peak_memory_bytes=None,
-        cpu_seconds=None,
-        outputs_dir=spec.workdir / "outputs",
-    )
+def _job_max_rss(max_rss: int, agent_peak: int | None) -> int | None:
+    """``wait4``'s peak RSS if it is the job's: a forked child starts with its parent's memory
+    counted (with vfork, the parent's peak), so a value not above the agent's own peak may be
+    the agent's and says nothing about the job."""
+    if agent_peak is None or max_rss <= agent_peak:
+        return None
+    return max_rss
 
 
-async def _kill_and_reap(
-    job: _Job, exit_task: asyncio.Task[Any], process: subprocess.Popen[bytes]
-) -> None:
-    """Last-resort cleanup when ``run`` itself is cancelled: SIGKILL everything, reap."""
-    exit_task.cancel()
-    job.kill_all()
+def _own_peak_rss() -> int | None:
+    """This process's peak resident memory (VmHWM), in bytes."""
     try:
-        status, _ = await procs.wait_for_exit(process.pid)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    except ChildProcessError:
-        process.returncode = -signal.SIGKILL  # exit_task had reaped it already
-    await procs.kill_until_gone(job.find_processes)
-
-
-async def _remove_cgroup(cgroup: JobCgroup | None) -> None:
-    """Remove the job's cgroup; a just-killed process may take a moment to leave it."""
-    if cgroup is None:
-        return
-    for _ in range(50):
-        if cgroup.remove():
-            return
-        await asyncio.sleep(0.02)
-    logger.warning("could not remove a job cgroup: %s", cgroup.procs_files)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

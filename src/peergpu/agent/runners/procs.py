@@ -92,30 +92,75 @@ def _has_env_entry(pid: int, entry: bytes) -> bool:
     return entry in environ.split(b"\0")
 
 
-async def wait_for_zombies(uid: int, *, timeout: float = 5.0) -> int:
-    """Wait until no zombie process of ``uid`` is left (their parents have reaped them) or
-    ``timeout`` passes; returns how many are left."""
+async def wait_for_process_room(
+    uid: int, *, limit: int, margin: int = 8, timeout: float = 5.0
+) -> bool:
+    """Wait until ``uid`` has fewer than ``limit - margin`` tasks (processes and threads, zombies
+    included: all count against RLIMIT_NPROC), as long as some of them are zombies that their
+    parent (init, for a killed job's orphans) may yet reap; ``False`` if there is still no room.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while (left := _count_zombies(uid)) and loop.time() < deadline:
+    while True:
+        tasks, zombies = _count_tasks(uid)
+        if tasks + margin < limit:
+            return True
+        if not zombies or loop.time() >= deadline:
+            return False
         await asyncio.sleep(0.05)
-    return left
 
 
-def _count_zombies(uid: int) -> int:
-    count = 0
+def _count_tasks(uid: int) -> tuple[int, int]:
+    """``(tasks, zombies)`` owned by ``uid``; a task is a process or a thread."""
+    tasks = zombies = 0
     for entry in _PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            owner = entry.stat().st_uid
-        except OSError:
+            if entry.stat().st_uid != uid:
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        if owner == uid and (stat := _read_stat(int(entry.name))) is not None and stat[0] == "Z":
-            count += 1
-    return count
+        if fields[0] == "Z":
+            zombies += 1
+            tasks += 1
+        else:
+            tasks += max(1, int(fields[17]))  # num_threads
+    return tasks, zombies
 
 
 def _is_alive(pid: int) -> bool:
     stat = _read_stat(pid)
     return stat is not None and stat[0] != "Z"
+
+
+async def wait_for_exit(pid: int) -> tuple[int, resource.struct_rusage]:
+    """Reap child ``pid`` and return its wait status and resource usage (``wait4``).
+
+    Uses a pidfd so that no thread blocks (Linux 5.3+); falls back to a blocking ``wait4`` in a
+    worker thread. If the awaiting task is cancelled, the child is left unreaped: the caller must
+    kill it and wait again.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return await loop.run_in_executor(None, _blocking_wait4, pid)
+    exited = asyncio.Event()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        while True:
+            waited, status, usage = os.wait4(pid, os.WNOHANG)
+            if waited:
+                return status, usage
+            await exited.wait()
+            exited.clear()
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+def _blocking_wait4(pid: int) -> tuple[int, resource.struct_rusage]:
+    _, status, usage = os.wait4(pid, 0)
+    return status, usage

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
-from collections.abc import Iterable
 
 from peergpu.agent.runners.base import MAX_LINE_BYTES, OutputSink
 
@@ -29,9 +28,6 @@ class OutputTail:
 
     def lines(self) -> list[str]:
         return list(self._lines)
-
-    def contains(self, needles: Iterable[str]) -> bool:
-        return any(needle in line for line in self._lines for needle in needles)
 
 
 async def open_pipe_reader(pipe: object) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
