@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ async def test_environment_is_scrubbed(
     spec = make_spec(
         job_workdir, [job_python, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
     )
-    spec = RunSpec(**{**_fields(spec), "env": {**spec.env, "JOB_SETTING": "a b $c"}})
+    spec = replace(spec, env={**spec.env, "JOB_SETTING": "a b $c"})
     sink = Collector()
     result = await run(process_runner, spec, sink)
     assert result.failure_reason is None, result.message
@@ -157,13 +158,13 @@ async def test_outputs_land_in_outputs_dir(
     assert (result.outputs_dir / "result.txt").read_text() == "result\n"
 
 
-async def test_job_runs_unprivileged_when_agent_is_root(
-    process_runner: ProcessRunner, job_workdir: Path
-) -> None:
+async def test_job_runs_unprivileged(process_runner: ProcessRunner, job_workdir: Path) -> None:
     sink = Collector()
-    await run(process_runner, make_spec(job_workdir, ["id", "-u"]), sink)
-    uid = int(sink.of("stdout")[0])
-    assert uid != 0 if os.geteuid() == 0 else uid == os.geteuid()
+    command = ["sh", "-c", "id -u; grep -E '^(NoNewPrivs|CapEff):' /proc/self/status"]
+    await run(process_runner, make_spec(job_workdir, command), sink)
+    uid, *status = sink.of("stdout")
+    assert int(uid) != 0 if os.geteuid() == 0 else int(uid) == os.geteuid()
+    assert sorted(line.split()[1] for line in status) == ["0000000000000000", "1"]
 
 
 async def test_command_not_found_is_start_failed(
@@ -179,7 +180,7 @@ async def test_invalid_spec_is_start_failed(
     process_runner: ProcessRunner, job_workdir: Path
 ) -> None:
     spec = make_spec(job_workdir, ["true"])
-    bad_env = RunSpec(**{**_fields(spec), "env": {"BAD-NAME": "x"}})
+    bad_env = replace(spec, env={"BAD-NAME": "x"})
     result = await run(process_runner, bad_env)
     assert result.failure_reason is FailureReason.START_FAILED
     assert "BAD-NAME" in result.message
@@ -482,12 +483,8 @@ async def test_bwrap_blocks_network(
         result = await run(process_runner, make_spec(job_workdir, [job_python, "-c", script]), sink)
         assert result.failure_reason is None, result.message
         assert sink.of("stdout")[0].startswith("blocked")
-        allowed = RunSpec(
-            **{
-                **_fields(make_spec(job_workdir.with_name("net"), [job_python, "-c", script])),
-                "network": True,
-            }
-        )
+        net_workdir = job_workdir.with_name("net")
+        allowed = replace(make_spec(net_workdir, [job_python, "-c", script]), network=True)
         sink = Collector()
         await run(process_runner, allowed, sink)
         assert sink.of("stdout") == ["connected"]
@@ -554,10 +551,6 @@ def test_format_bytes() -> None:
     assert format_bytes(2 * 1024 * MiB) == "2 GiB"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(10) == "10 bytes"
-
-
-def _fields(spec: RunSpec) -> dict[str, object]:
-    return {name: getattr(spec, name) for name in spec.__slots__}  # type: ignore[attr-defined]
 
 
 def _rss_bytes() -> int:

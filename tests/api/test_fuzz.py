@@ -117,7 +117,11 @@ class Recorder(logging.Handler):
 
 async def test_fuzz_whole_api(app: FastAPI, client: httpx.AsyncClient) -> None:
     identities, known_ids = await _seed(app, client)
-    schema = schemathesis.openapi.from_dict(app.openapi())
+    document = app.openapi()
+    # Signed-URL storage routes ({key:path}, a Starlette path convertor) are not part of the
+    # client API and have their own tests (tests/storage); OpenAPI has no such template.
+    document["paths"] = {p: ops for p, ops in document["paths"].items() if "/storage/" not in p}
+    schema = schemathesis.openapi.from_dict(document)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 20, [op.label for op in operations]
 

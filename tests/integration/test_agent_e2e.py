@@ -6,6 +6,7 @@ signed manifests run real commands with logs in order; bad manifests are refused
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -207,6 +208,8 @@ def test_signed_manifest_runs_a_real_command_with_ordered_logs(
     script = (
         "import sys\nfor i in range(300):\n    print(f'line {i}', flush=True)\n"
         "print('oops', file=sys.stderr)\n"
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['PEERGPU_OUTPUT_DIR'], 'result.txt').write_text('42')\n"
     )
     job_id = _run(server, host_id, ["python3", "-c", script], env={"GREETING": "hi"})
     assert _ack(server, job_id, agent)["accepted"] is True
@@ -219,6 +222,14 @@ def test_signed_manifest_runs_a_real_command_with_ordered_logs(
     assert [ln["line"] for ln in lines if ln["stream"] == "stderr"] == ["oops"]
     assert [ln["seq"] for ln in lines] == list(range(len(lines)))
     assert status["last_log_seq"] == len(lines) - 1
+    [report] = [
+        e for e in _stream(server, job_events_stream(job_id)) if e["type"] == "artifact_report"
+    ]
+    assert report["files"] == [
+        {"path": "result.txt", "size": 2, "sha256": hashlib.sha256(b"42").hexdigest()}
+    ]
+    stored = server.call(lambda ctx: ctx.storage.head(f"jobs/{job_id}/outputs/result.txt"))
+    assert stored is not None and stored.size == 2
 
 
 def test_failures_are_reported_with_reasons(server: ThreadedServer, agent: AgentProcess) -> None:

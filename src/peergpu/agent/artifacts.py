@@ -67,9 +67,12 @@ async def upload_outputs(*, link: Link, job_id: uuid.UUID, outputs_dir: Path) ->
 def _collect(outputs_dir: Path) -> tuple[list[FileSpec], list[str]]:
     files: list[FileSpec] = []
     skipped: list[str] = []
+    if outputs_dir.is_symlink():
+        # The job controls outputs/: never follow it out of the work dir.
+        return files, ["outputs: a symlink, not a folder; nothing uploaded"]
     if not outputs_dir.is_dir():
         return files, skipped
-    root = outputs_dir.resolve()
+    root = outputs_dir
     for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
         for name in sorted(filenames):
             path = Path(dirpath) / name

@@ -33,9 +33,10 @@ class ResourceLimits:
       RLIMIT_AS) and, where the host allows, a memory cgroup limit for the whole job (no swap).
       Docker: ``--memory`` and ``--memory-swap``.
     - ``cpu_seconds``: RLIMIT_CPU (per process: SIGXCPU at the limit, SIGKILL 2 s later).
-    - ``max_processes``: a pids cgroup limit where available; RLIMIT_NPROC when the job runs
-      under its own uid (it counts every process of that uid, so it only binds after dropping
-      root) or when no pids cgroup is available. Docker: ``--pids-limit``.
+    - ``max_processes``: a pids cgroup limit (for this job alone) where available, else
+      RLIMIT_NPROC, which counts every process and thread of the job's uid, so it only binds
+      after dropping root, and jobs sharing a uid share it: give each job slot its own uid.
+      Docker: ``--pids-limit``.
     - ``max_open_files``: RLIMIT_NOFILE. ``max_file_bytes``: RLIMIT_FSIZE (largest file written).
     - ``wall_clock_seconds``: the job's whole process tree is stopped after this long.
     """

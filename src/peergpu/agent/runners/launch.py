@@ -7,7 +7,8 @@ so the job's environment never appears on a command line), then, in this order:
 1. joins the job's cgroups (it is still root, and nothing has forked yet, so every process the
    job ever creates is inside them);
 2. sets the resource limits (RLIMIT_*);
-3. drops privileges to the job's uid/gid (supplementary groups cleared);
+3. drops privileges to the job's uid/gid (supplementary groups cleared) and, unless bubblewrap
+   follows (it does this itself), sets no_new_privs;
 4. restores default handling of SIGPIPE and SIGXFSZ (Python ignores them, and an ignored signal
    stays ignored across exec) and sets umask 077;
 5. changes into the work dir and ``execvpe``\\s the command with the job's environment.
@@ -22,6 +23,7 @@ This file imports nothing outside the standard library: it runs with ``-S`` (no 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -29,6 +31,8 @@ import resource
 import signal
 import sys
 from typing import Any
+
+_PR_SET_NO_NEW_PRIVS = 38
 
 
 def main(argv: list[str]) -> None:
@@ -51,6 +55,9 @@ def main(argv: list[str]) -> None:
             os.setgid(config["gid"])
         if config["uid"] is not None:
             os.setuid(config["uid"])
+        if config["no_new_privs"]:
+            step = "setting no_new_privs"
+            _set_no_new_privs()
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         os.umask(0o077)
@@ -62,6 +69,15 @@ def main(argv: list[str]) -> None:
     except Exception as error:  # every failure is reported the same way
         _report(status_fd, f"{step}: {_describe(error)}")
         os._exit(127)
+
+
+def _set_no_new_privs() -> None:
+    """prctl(PR_SET_NO_NEW_PRIVS): exec can never again raise privileges (setuid binaries, file
+    capabilities). bubblewrap sets this itself for its sandboxed command."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _set_rlimit(which: int, soft: int, hard: int) -> None:

@@ -100,10 +100,15 @@ class _Exit:
 class ProcessRunner(Runner):
     """Runs jobs as contained host processes; see the module docstring.
 
+    ``run_as``: the user (name or uid) jobs run as; by default ``"nobody"`` when the agent is root
+    and the agent's own user otherwise; ``None`` never switches (as root: jobs run as root).
+    Switching needs root; an unknown user name raises :class:`RunnerError` here.
     ``use_bwrap``/``use_cgroups``: ``None`` = use if available, ``True`` = require (jobs fail to
     start without), ``False`` = never. ``cgroup_parent`` forces the cgroup v2 directory to create
-    job cgroups in. ``drain_timeout_seconds`` bounds how long output is awaited after the job's
-    processes are gone (a pipe held open by an escaped process is then closed).
+    job cgroups in. ``kill_grace_seconds``: between SIGTERM and SIGKILL on timeout or cancel.
+    ``drain_timeout_seconds`` bounds how long output is awaited after the job's processes are
+    gone (a pipe held open by an escaped process is then closed). ``launcher_python`` runs
+    :mod:`.launch` (any Python 3.11+; it only needs the standard library).
     """
 
     name = "process"
@@ -212,6 +217,7 @@ class ProcessRunner(Runner):
             "rlimits": rlimits(spec.limits, limit_nproc=limit_nproc),
             "uid": setup.user.uid if setup.user else None,
             "gid": setup.user.gid if setup.user else None,
+            "no_new_privs": not job.uses_bwrap,
             "workdir": str(spec.workdir),
             "argv": command,
             "env": job_environment(spec, private_tmp=job.uses_bwrap),
