@@ -26,7 +26,7 @@ from peergpu.server.db import migrate
 from peergpu.server.db.all_models import models  # noqa: F401 - fills the metadata
 from peergpu.server.db.base import Base
 from peergpu.server.db.session import create_engine
-from tests import services
+from tests import testing_services as services
 
 BACKENDS = ["sqlite+memory", "postgres+redis"]
 

@@ -37,7 +37,7 @@ from tests.agent_gpus.fake_nvml import (
     OldFakeNvml,
 )
 
-FAKE_SMI = Path(__file__).with_name("fake_nvidia_smi.py")
+FAKE_SMI = Path(__file__).with_name("testing_fake_nvidia_smi.py")
 
 
 @dataclass
@@ -60,7 +60,7 @@ MakeFakeSmi = Callable[[str], FakeSmi]
 
 @pytest.fixture
 def fake_smi(tmp_path: Path) -> MakeFakeSmi:
-    """Writes an executable ``nvidia-smi`` acting out one scenario of fake_nvidia_smi.py."""
+    """Writes an executable ``nvidia-smi`` acting out one scenario of testing_fake_nvidia_smi.py."""
 
     def make(scenario: str) -> FakeSmi:
         folder = tmp_path / scenario

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import services
+from tests import testing_services as services
 
 
 def _free_port() -> int:

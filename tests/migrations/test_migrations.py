@@ -16,7 +16,7 @@ from peergpu.server.db import migrate
 from peergpu.server.db.all_models import models  # noqa: F401
 from peergpu.server.db.base import Base
 from peergpu.server.db.session import create_engine
-from tests import services
+from tests import testing_services as services
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -1,6 +1,6 @@
 """A stand-in for ``nvidia-smi``, run as a real process by the tests.
 
-Usage: ``python fake_nvidia_smi.py SCENARIO LOGFILE [nvidia-smi arguments...]``; the tests wrap
+Usage: ``python testing_fake_nvidia_smi.py SCENARIO LOGFILE [nvidia-smi args...]``; the tests wrap
 it in an executable script so the probe sees a plain command. Each call appends its arguments
 (one JSON list a line) to LOGFILE. It answers ``--query-gpu=F1,F2 --format=csv,noheader,nounits``
 with one CSV line per GPU in the order asked, and a bare call with the usual banner.
