@@ -61,6 +61,31 @@ class ServerSettings(BaseSettings):
     agent_heartbeat_seconds: float = Field(default=15.0, gt=0)
     agent_missed_heartbeats: int = Field(default=3, ge=1)
 
+    # Object storage: the local folder under data_dir unless PEERGPU_S3_BUCKET is set.
+    s3_bucket: str = ""
+    s3_endpoint_url: str = Field(default="", description="for S3-compatible services; empty = AWS")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr = SecretStr("")
+    s3_prefix: str = Field(default="", description="key prefix inside the bucket, e.g. 'peergpu/'")
+    s3_addressing_style: str = Field(default="auto", pattern="^(auto|path|virtual)$")
+
+    # Jobs and scheduling.
+    scheduler_enabled: bool = True
+    scheduler_sweep_seconds: float = Field(default=5.0, gt=0)
+    scheduler_batch_size: int = Field(default=200, ge=1, le=5000)
+    manifest_ack_timeout_seconds: float = Field(default=30.0, gt=0)
+    host_lost_grace_seconds: float = Field(
+        default=120.0, ge=0, description="how long a job may miss from its host before it is lost"
+    )
+    job_queue_timeout_seconds: int = Field(
+        default=24 * 3600, ge=1, description="a queued job nobody can run expires after this"
+    )
+    job_default_max_duration_seconds: int = Field(default=3600, ge=1)
+    job_max_duration_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    job_default_max_retries: int = Field(default=2, ge=0, le=10)
+    bundle_max_bytes: int = Field(default=512 << 20, ge=1024)
+
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
 
