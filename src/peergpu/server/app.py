@@ -17,11 +17,23 @@ from peergpu import __version__
 from peergpu.config import ServerSettings
 from peergpu.server.agents.hub import AgentHub
 from peergpu.server.agents.sweeper import run_presence_sweeper
-from peergpu.server.api import api_keys, auth, health, hosts, orgs, storage, users
+from peergpu.server.api import (
+    api_keys,
+    auth,
+    health,
+    hosts,
+    job_logs,
+    jobs,
+    marketplace,
+    orgs,
+    storage,
+    users,
+)
 from peergpu.server.api.errors import install_error_handlers
 from peergpu.server.api.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
 from peergpu.server.context import ServerContext
 from peergpu.server.db import migrate
+from peergpu.server.services.scheduler import run_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +56,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             app.state.context = context
             app.state.hub = AgentHub(context)
             sweeper = asyncio.create_task(run_presence_sweeper(context), name="presence-sweeper")
+            scheduler = (
+                asyncio.create_task(run_scheduler(context), name="scheduler")
+                if settings.scheduler_enabled
+                else None
+            )
             logger.info(
                 "PeerGPU %s ready: database=%s bus=%s",
                 __version__,
@@ -53,10 +70,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
             try:
                 yield
             finally:
-                sweeper.cancel()
+                for task in (sweeper, scheduler):
+                    if task is not None:
+                        task.cancel()
                 await app.state.hub.close_all()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                for task in (sweeper, scheduler):
+                    if task is not None:
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
         finally:
             await context.close()
 
@@ -71,8 +92,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_request_bytes,
-        # Uploads to signed URLs are bounded by their signed max_bytes, counted as they stream.
-        exempt_prefixes=(f"{API_PREFIX}/storage/",),
+        # Uploads to signed URLs are bounded by their signed max_bytes, bundles by
+        # bundle_max_bytes, both counted as they stream.
+        exempt_prefixes=(f"{API_PREFIX}/storage/", f"{API_PREFIX}/bundles"),
     )
     app.add_middleware(SecurityHeadersMiddleware)
     if settings.cors_origins:
@@ -92,6 +114,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         api_keys.router,
         hosts.router,
         hosts.agent_router,
+        jobs.router,
+        job_logs.router,
+        marketplace.router,
         storage.router,
     ):
         app.include_router(router, prefix=API_PREFIX)

@@ -38,3 +38,15 @@ def job_logs_stream(job_id: uuid.UUID) -> str:
 def job_events_stream(job_id: uuid.UUID) -> str:
     """What a host said about a job (manifest_ack, job_status, artifact_report), in order."""
     return f"jobevents:{job_id}"
+
+
+#: Pub/sub channel that wakes every replica's scheduler loop (a job was queued, GPUs freed,
+#: a host joined). The message body is irrelevant.
+SCHEDULER_WAKE_CHANNEL = "scheduler:wake"
+
+
+def job_channel(job_id: uuid.UUID) -> str:
+    """Pub/sub channel with a job's live changes: ``{"kind": "state", "state": ...}`` after a
+    state change is committed, ``{"kind": "log", "attempt": n, "lines": [...]}`` after log
+    lines are stored. A hint to followers, never the only copy: they re-read the database."""
+    return f"job:{job_id}"

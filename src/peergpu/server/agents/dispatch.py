@@ -31,6 +31,7 @@ def build_manifest(
     limits: ManifestLimits | None = None,
     bundle_url: str | None = None,
     bundle_sha256: str | None = None,
+    nonce: str | None = None,
 ) -> SignedManifest:
     now = time.time()
     manifest = JobManifest(
@@ -38,7 +39,7 @@ def build_manifest(
         host_id=host_id,
         issued_at=now,
         expires_at=now + context.settings.manifest_ttl_seconds,
-        nonce=new_nonce(),
+        nonce=nonce or new_nonce(),
         runner=runner,
         image=image,
         command=command,

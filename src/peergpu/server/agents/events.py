@@ -1,8 +1,9 @@
 """What the server does with each message an agent sends about its jobs.
 
-For now every job message lands on the job's bus streams (logs and events), which is what the
-job service and the renter's log endpoints read; log batches are acknowledged once appended so
-the agent can drop them from its resend buffer.
+Job state, logs and artifacts go to the database through ``services.job_reports`` (only the
+job's current host is believed). Every job message is also appended to the job's bus streams
+(``jobevents:<id>``, ``joblogs:<id>``, bounded), a live trail for operators and tests. Log
+batches are acknowledged once stored durably, so the agent can drop them from its resend buffer.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from peergpu.errors import ServiceUnavailable
 from peergpu.protocol.messages import (
     AgentMessage,
     ArtifactReport,
@@ -20,15 +22,14 @@ from peergpu.protocol.messages import (
     ManifestAck,
     ServerMessage,
     StatusAck,
-    UploadGrant,
     UploadRequest,
-    UploadTarget,
 )
 from peergpu.server.agents.channels import job_events_stream, job_logs_stream
 from peergpu.server.context import ServerContext
-from peergpu.server.storage.base import is_valid_key
+from peergpu.server.services import job_reports
 
-UPLOAD_URL_SECONDS = 3600
+#: Entries kept in each job's bus stream (the database holds the full record).
+STREAM_MAXLEN = 10_000
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ class AgentEvents:
 
     async def handle(self, host_id: uuid.UUID, message: AgentMessage) -> list[ServerMessage]:
         """Apply one message; return the replies to send back on the same socket."""
-        bus = self.context.bus
+        context = self.context
         if isinstance(message, LogBatch):
-            await bus.append(job_logs_stream(message.job_id), message.model_dump_json().encode())
+            # Stored (committed) before the ack; lines of a job this host does not run are
+            # acknowledged and dropped.
+            await job_reports.on_logs(context, host_id, message)
+            await self._trail(job_logs_stream(message.job_id), message)
             return [LogAck(job_id=message.job_id, seq=message.lines[-1].seq)]
         if isinstance(message, ManifestAck):
             if not message.accepted:
@@ -52,37 +56,32 @@ class AgentEvents:
                     message.reason,
                     message.message,
                 )
+            await job_reports.on_manifest_ack(context, host_id, message)
             if message.job_id is not None:
                 await self._record(message.job_id, message)
             return []
         if isinstance(message, JobStatus):
+            await job_reports.on_status(context, host_id, message)
             await self._record(message.job_id, message)
             return [StatusAck(job_id=message.job_id, state=message.state)]
         if isinstance(message, ArtifactReport):
+            await job_reports.on_artifacts(context, host_id, message)
             await self._record(message.job_id, message)
             return []
         if isinstance(message, UploadRequest):
-            return [self._grant_uploads(message)]
+            return [await job_reports.grant_uploads(context, host_id, message)]
         if isinstance(message, ErrorMessage):
             logger.warning("host %s reported %s: %s", host_id, message.code, message.message)
             return []
         return [ErrorMessage(code="unexpected_message", message=f"Unexpected {message.type}.")]
 
     async def _record(self, job_id: uuid.UUID, message: AgentMessage) -> None:
-        await self.context.bus.append(job_events_stream(job_id), message.model_dump_json().encode())
+        await self._trail(job_events_stream(job_id), message)
 
-    def _grant_uploads(self, request: UploadRequest) -> UploadGrant:
-        """One pre-signed PUT per output file, bound to its declared size and sha256."""
-        uploads: list[UploadTarget] = []
-        refused: dict[str, str] = {}
-        store = self.context.storage
-        for spec in request.files:
-            key = f"jobs/{request.job_id}/outputs/{spec.path}"
-            if not is_valid_key(key):
-                refused[spec.path] = "the file name is not allowed in object storage"
-                continue
-            url = store.presign_put(
-                key, expires_in=UPLOAD_URL_SECONDS, max_bytes=spec.size, sha256=spec.sha256
+    async def _trail(self, stream: str, message: AgentMessage) -> None:
+        try:
+            await self.context.bus.append(
+                stream, message.model_dump_json().encode(), maxlen=STREAM_MAXLEN
             )
-            uploads.append(UploadTarget(path=spec.path, url=url))
-        return UploadGrant(job_id=request.job_id, uploads=uploads, refused=refused)
+        except ServiceUnavailable as exc:  # the trail is a convenience; the database has it
+            logger.debug("bus unavailable, %s not appended: %s", stream, exc)

@@ -29,6 +29,7 @@ from peergpu.protocol.messages import (
     CLOSE_UNAUTHORIZED,
     CLOSE_UNSUPPORTED_VERSION,
     SUPPORTED_VERSIONS,
+    Cancel,
     ErrorMessage,
     Heartbeat,
     Hello,
@@ -46,7 +47,7 @@ from peergpu.server.agents.channels import (
 from peergpu.server.agents.events import AgentEvents
 from peergpu.server.bus import Subscription
 from peergpu.server.context import ServerContext
-from peergpu.server.services import hosts, presence
+from peergpu.server.services import hosts, job_reports, job_states, presence
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,8 @@ class AgentHub:
                         server_time=time.time(),
                     ).model_dump_json()
                 )
+                await self._reconcile(socket, list(hello.running_jobs))
+                await job_states.wake_schedulers(context)
                 await _first_completed(
                     self._read_loop(socket), self._forward_loop(socket, subscription)
                 )
@@ -169,9 +172,22 @@ class AgentHub:
                 if not current:
                     await _close(socket.websocket, CLOSE_SUPERSEDED)
                     return
+                await self._reconcile(socket, list(message.running_jobs))
                 continue
             for reply in await self.events.handle(socket.host_id, message):
                 await socket.send(reply.model_dump_json())
+
+    async def _reconcile(self, socket: _Socket, running: list[uuid.UUID]) -> None:
+        """Stop what the host runs that it should not (cancelled, or re-queued elsewhere)."""
+        for job_id in await job_reports.reconcile(self.context, socket.host_id, running):
+            logger.info(
+                "host %s runs job %s, which is not its to run: cancelling", socket.host_id, job_id
+            )
+            await socket.send(
+                Cancel(
+                    job_id=job_id, reason="this job is not assigned to this host"
+                ).model_dump_json()
+            )
 
     async def _forward_loop(self, socket: _Socket, subscription: Subscription) -> None:
         async for message in subscription:

@@ -9,6 +9,7 @@ _DESCRIPTIONS = {
     403: "Not allowed",
     404: "Not found (or not visible to you)",
     409: "Conflicts with the current state",
+    413: "Too large",
     422: "Invalid input",
     429: "Rate limited",
 }

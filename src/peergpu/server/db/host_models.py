@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from uuid import UUID
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from peergpu.server.db.base import Base, CreatedAtMixin, IdMixin
@@ -43,6 +44,9 @@ class HostModel(IdMixin, CreatedAtMixin, Base):
     runners: Mapped[list[str]] = mapped_column(JSON, default=list)
     connection_id: Mapped[str | None] = mapped_column(String(64), default=None)
     last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: Share of the last 30 days online (0..1), refreshed by the sweeper; the scheduler's
+    #: tie-breaker after price.
+    reliability: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
 
 
 class HostGpuModel(IdMixin, Base):
@@ -62,6 +66,10 @@ class HostGpuModel(IdMixin, Base):
     temperature_c: Mapped[float | None] = mapped_column(default=None)
     power_watts: Mapped[float | None] = mapped_column(default=None)
     sampled_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: The job holding this GPU; claimed with ``UPDATE ... WHERE job_id IS NULL``.
+    job_id: Mapped[UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL", use_alter=True), default=None, index=True
+    )
 
 
 class EnrollmentTokenModel(IdMixin, CreatedAtMixin, Base):

@@ -156,17 +156,34 @@ async def _close_open_sessions(session: AsyncSession, host_id: uuid.UUID, now: d
 
 
 async def _replace_gpus(session: AsyncSession, host_id: uuid.UUID, hello: Hello) -> None:
-    await session.execute(delete(HostGpuModel).where(HostGpuModel.host_id == host_id))
-    for gpu in hello.gpus:
-        session.add(
-            HostGpuModel(
-                host_id=host_id,
-                index=gpu.index,
-                uuid=gpu.uuid,
-                model=gpu.model,
-                memory_total_mib=gpu.memory_total_mib,
-                driver_version=gpu.driver_version,
-                cuda_version=gpu.cuda_version,
-                compute_capability=gpu.compute_capability,
+    """Make the host's GPU rows match ``hello``, by index. Rows are updated in place, not
+    recreated, so a GPU keeps its claim (``job_id``) across a reconnect."""
+    existing = {
+        gpu.index: gpu
+        for gpu in await session.scalars(
+            select(HostGpuModel).where(HostGpuModel.host_id == host_id)
+        )
+    }
+    reported = {gpu.index for gpu in hello.gpus}
+    gone = [index for index in existing if index not in reported]
+    if gone:
+        await session.execute(
+            delete(HostGpuModel).where(
+                HostGpuModel.host_id == host_id, HostGpuModel.index.in_(gone)
             )
         )
+    for gpu in hello.gpus:
+        facts = {
+            "uuid": gpu.uuid,
+            "model": gpu.model,
+            "memory_total_mib": gpu.memory_total_mib,
+            "driver_version": gpu.driver_version,
+            "cuda_version": gpu.cuda_version,
+            "compute_capability": gpu.compute_capability,
+        }
+        row = existing.get(gpu.index)
+        if row is None:
+            session.add(HostGpuModel(host_id=host_id, index=gpu.index, **facts))
+        else:
+            for name, value in facts.items():
+                setattr(row, name, value)

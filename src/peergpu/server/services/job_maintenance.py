@@ -1,0 +1,208 @@
+"""The scheduler's slow sweep: everything that happens because time passed.
+
+* a manifest not acknowledged by its deadline -> the job is lost (re-queued or failed);
+* a host offline longer than the grace period, or silent about a job it should be running
+  for that long -> its jobs are lost;
+* a queued job past its queue deadline -> expired;
+* GPUs still held by a job that ended (its host never confirmed) -> freed after the grace;
+* each host's reliability (its 30-day uptime) refreshed for the scheduler's ranking.
+
+Every change is a conditional transition, so replicas sweeping at the same time do no harm.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from peergpu.server.agents import dispatch
+from peergpu.server.context import ServerContext
+from peergpu.server.db.base import utcnow
+from peergpu.server.db.host_models import HostGpuModel, HostModel, HostSessionModel, HostStatus
+from peergpu.server.db.job_models import FINAL_STATES, JobModel, JobState
+from peergpu.server.services import hosts as host_service
+from peergpu.server.services import job_states
+
+logger = logging.getLogger(__name__)
+
+RELIABILITY_REFRESH_SECONDS = 300.0
+_BATCH = 500
+_last_reliability_refresh: dict[int, float] = {}
+
+
+async def run_once(context: ServerContext) -> int:
+    """One sweep; returns how many jobs changed state."""
+    changed: list[tuple[uuid.UUID, JobState, uuid.UUID | None]] = []
+    async with context.sessionmaker() as session:
+        changed += await _unacknowledged(context, session)
+        changed += await _lost(context, session)
+        changed += await _expired(session)
+        freed = await _stale_gpu_claims(context, session)
+        await session.commit()
+        await _refresh_reliability(context, session)
+    for job_id, state, host_id in changed:
+        if host_id is not None:
+            await dispatch.send_cancel(
+                context=context, host_id=host_id, job_id=job_id, reason="the server gave up on it"
+            )
+        await job_states.notify(context, job_id, state)
+    if changed or freed:
+        await job_states.wake_schedulers(context)
+    return len(changed)
+
+
+async def _unacknowledged(
+    context: ServerContext, session: AsyncSession
+) -> list[tuple[uuid.UUID, JobState, uuid.UUID | None]]:
+    now = utcnow()
+    jobs = await session.scalars(
+        select(JobModel)
+        .where(
+            JobModel.state == JobState.assigned.value,
+            JobModel.acked_at.is_(None),
+            JobModel.ack_deadline < now,
+        )
+        .limit(_BATCH)
+    )
+    changed = []
+    for job in list(jobs):
+        host_id = job.host_id
+        state = await job_states.requeue_or_fail(
+            session,
+            job,
+            expected=JobState.assigned,
+            reason="no_ack",
+            message=(
+                f"Host {host_id} did not acknowledge the job within "
+                f"{context.settings.manifest_ack_timeout_seconds:g} s."
+            ),
+        )
+        if state is not None:
+            changed.append((job.id, state, host_id))
+    return changed
+
+
+async def _lost(
+    context: ServerContext, session: AsyncSession
+) -> list[tuple[uuid.UUID, JobState, uuid.UUID | None]]:
+    cutoff = utcnow() - timedelta(seconds=context.settings.host_lost_grace_seconds)
+    gone_hosts = select(HostModel.id).where(
+        HostModel.status == HostStatus.offline.value,
+        or_(HostModel.last_seen_at.is_(None), HostModel.last_seen_at < cutoff),
+    )
+    jobs = await session.scalars(
+        select(JobModel)
+        .where(
+            JobModel.state.in_([JobState.assigned.value, JobState.running.value]),
+            or_(
+                JobModel.host_id.in_(gone_hosts),
+                JobModel.host_id.is_(None),
+                JobModel.missing_since < cutoff,
+            ),
+        )
+        .limit(_BATCH)
+    )
+    changed = []
+    for job in list(jobs):
+        host_id = job.host_id
+        missing = job.missing_since is not None and job.missing_since < cutoff
+        message = (
+            f"Host {host_id} stopped reporting the job."
+            if missing
+            else f"Host {host_id} went offline and did not come back within "
+            f"{context.settings.host_lost_grace_seconds:g} s."
+        )
+        state = await job_states.requeue_or_fail(
+            session,
+            job,
+            expected=JobState(job.state),
+            reason="host_lost",
+            message=message,
+        )
+        if state is not None:
+            changed.append((job.id, state, host_id))
+    return changed
+
+
+async def _expired(session: AsyncSession) -> list[tuple[uuid.UUID, JobState, uuid.UUID | None]]:
+    now = utcnow()
+    changed: list[tuple[uuid.UUID, JobState, uuid.UUID | None]] = []
+    jobs = await session.scalars(
+        select(JobModel)
+        .where(JobModel.state == JobState.queued.value, JobModel.queue_expires_at < now)
+        .limit(_BATCH)
+    )
+    for job in list(jobs):
+        if await job_states.transition(
+            session,
+            job,
+            expected=JobState.queued,
+            to=JobState.expired,
+            reason="expired",
+            message="No eligible host could run the job before its queue deadline.",
+            values={"finished_at": now, "failure_reason": "expired"},
+        ):
+            changed.append((job.id, JobState.expired, None))
+    return changed
+
+
+async def _stale_gpu_claims(context: ServerContext, session: AsyncSession) -> int:
+    """Free GPUs held by jobs that are no longer active on them, once the host has had the
+    grace period to confirm (a cancelled job keeps its GPUs until its host says it stopped)."""
+    cutoff = utcnow() - timedelta(seconds=context.settings.host_lost_grace_seconds)
+    stale = select(JobModel.id).where(
+        JobModel.state.in_([s.value for s in FINAL_STATES] + [JobState.queued.value]),
+        JobModel.updated_at < cutoff,
+    )
+    result = await session.execute(
+        update(HostGpuModel)
+        .where(HostGpuModel.job_id.in_(stale))
+        .values(job_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def _refresh_reliability(context: ServerContext, session: AsyncSession) -> None:
+    """Every few minutes, in one read and one batched write for all hosts."""
+    key = id(context)
+    now_mono = time.monotonic()
+    last = _last_reliability_refresh.get(key)
+    if last is not None and now_mono - last < RELIABILITY_REFRESH_SECONDS:
+        return
+    _last_reliability_refresh[key] = now_mono
+    now = utcnow()
+    window_start = now - host_service.UPTIME_WINDOW
+    rows = await session.execute(
+        select(
+            HostSessionModel.host_id, HostSessionModel.started_at, HostSessionModel.ended_at
+        ).where(or_(HostSessionModel.ended_at.is_(None), HostSessionModel.ended_at > window_start))
+    )
+    online: dict[uuid.UUID, timedelta] = {}
+    for host_id, started, ended in rows:
+        start = max(started, window_start)
+        end = min(ended or now, now)
+        if end > start:
+            online[host_id] = online.get(host_id, timedelta()) + (end - start)
+    host_ids = list(
+        await session.scalars(select(HostModel.id).where(HostModel.revoked_at.is_(None)))
+    )
+    if host_ids:
+        await session.execute(
+            update(HostModel),
+            [
+                {
+                    "id": host_id,
+                    "reliability": min(
+                        1.0, online.get(host_id, timedelta()) / host_service.UPTIME_WINDOW
+                    ),
+                }
+                for host_id in host_ids
+            ],
+        )
+    await session.commit()

@@ -1,0 +1,265 @@
+"""The scheduler and the job sweep against the real database: matching, ranking, fair share,
+atomic GPU claims, ack deadlines, lost hosts, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from peergpu.server.context import ServerContext
+from peergpu.server.db.base import utcnow
+from peergpu.server.db.host_models import HostGpuModel, HostModel
+from peergpu.server.db.job_models import JobEventModel, JobModel
+from peergpu.server.db.models import UserModel
+from peergpu.server.services import job_maintenance, scheduler
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _user(context: ServerContext) -> uuid.UUID:
+    async with context.sessionmaker() as session:
+        user = UserModel(email=f"{uuid.uuid4().hex[:10]}@example.com", password_hash="x")
+        session.add(user)
+        await session.commit()
+        return user.id
+
+
+async def _host(
+    context: ServerContext,
+    owner: uuid.UUID,
+    *,
+    price: int,
+    gpus: list[tuple[str, int]],
+    reliability: float = 0.5,
+    tags: list[str] | None = None,
+    runners: list[str] | None = None,
+    online: bool = True,
+) -> uuid.UUID:
+    async with context.sessionmaker() as session:
+        host = HostModel(
+            owner_id=owner,
+            name="h",
+            tags=tags or [],
+            price_per_gpu_hour_micros=price,
+            status="online" if online else "offline",
+            credential_prefix=uuid.uuid4().hex[:12],
+            credential_hash="x" * 64,
+            last_seen_at=utcnow(),
+            runners=runners or ["process"],
+            reliability=reliability,
+        )
+        session.add(host)
+        await session.flush()
+        for index, (model, memory) in enumerate(gpus):
+            session.add(
+                HostGpuModel(
+                    host_id=host.id,
+                    index=index,
+                    uuid=f"GPU-{uuid.uuid4()}",
+                    model=model,
+                    memory_total_mib=memory,
+                )
+            )
+        await session.commit()
+        return host.id
+
+
+async def _job(context: ServerContext, owner: uuid.UUID, **fields: Any) -> uuid.UUID:
+    now = utcnow()
+    values: dict[str, Any] = {
+        "owner_id": owner,
+        "command": ["true"],
+        "max_duration_seconds": 60,
+        "queue_expires_at": now + timedelta(hours=1),
+        "created_at": now,
+        "updated_at": now,
+        **fields,
+    }
+    async with context.sessionmaker() as session:
+        job = JobModel(**values)
+        session.add(job)
+        await session.commit()
+        return job.id
+
+
+async def _get(context: ServerContext, job_id: uuid.UUID) -> JobModel:
+    async with context.sessionmaker() as session:
+        job = await session.get(JobModel, job_id)
+        assert job is not None
+        return job
+
+
+async def test_cheapest_then_most_reliable_host_that_fits(context: ServerContext) -> None:
+    owner = await _user(context)
+    pricey = await _host(context, owner, price=3_000_000, gpus=[("NVIDIA H100", 81920)])
+    cheap_flaky = await _host(
+        context, owner, price=1_000_000, gpus=[("NVIDIA A100", 40960)], reliability=0.2
+    )
+    cheap_solid = await _host(
+        context, owner, price=1_000_000, gpus=[("NVIDIA A100", 40960)], reliability=0.9
+    )
+    small = await _host(context, owner, price=100_000, gpus=[("RTX 3060", 12288)])
+    big = await _job(context, owner, min_vram_mib=30000)
+    h100 = await _job(context, owner, gpu_models=["h100"])
+    result = await scheduler.schedule_once(context)
+    assert {a.job_id for a in result.assigned} == {big, h100}
+    assert (await _get(context, big)).host_id == cheap_solid
+    assert (await _get(context, h100)).host_id == pricey
+    job = await _get(context, big)
+    assert (job.state, job.attempt, job.price_per_gpu_hour_micros) == ("assigned", 1, 1_000_000)
+    assert job.gpu_indices == [0] and job.manifest_nonce and job.ack_deadline
+    # The next A100 job takes the other A100; the one after that waits (the 3060 is too small).
+    again = await _job(context, owner, min_vram_mib=30000)
+    waits = await _job(context, owner, min_vram_mib=30000)
+    await scheduler.schedule_once(context)
+    assert (await _get(context, again)).host_id == cheap_flaky
+    assert (await _get(context, waits)).state == "queued"
+    del small
+
+
+async def test_price_tags_runner_gpu_count_and_exclusions(context: ServerContext) -> None:
+    owner = await _user(context)
+    two = await _host(context, owner, price=2_000_000, gpus=[("L4", 24000), ("L4", 24000)])
+    tagged = await _host(context, owner, price=2_500_000, gpus=[("L4", 24000)], tags=["eu"])
+    docker = await _host(context, owner, price=2_600_000, gpus=[("L4", 24000)], runners=["docker"])
+    too_cheap_for = await _job(context, owner, max_price_per_gpu_hour_micros=1_000_000)
+    pair = await _job(context, owner, gpu_count=2)
+    eu = await _job(context, owner, tags=["eu"])
+    image = await _job(context, owner, image="python:3.12")
+    await scheduler.schedule_once(context)
+    assert (await _get(context, too_cheap_for)).state == "queued"
+    paired = await _get(context, pair)
+    assert (paired.host_id, paired.gpu_indices) == (two, [0, 1])
+    assert (await _get(context, eu)).host_id == tagged
+    assert (await _get(context, image)).host_id == docker
+
+    excluded = await _host(context, owner, price=10, gpus=[("T4", 16000)])
+    avoid = await _job(context, owner, excluded_host_ids=[str(excluded)])
+    await scheduler.schedule_once(context)
+    assert (await _get(context, avoid)).state == "queued"
+
+
+async def test_priority_then_fair_share_between_renters(context: ServerContext) -> None:
+    owner = await _user(context)
+    hog, other = await _user(context), await _user(context)
+    hog_jobs = [await _job(context, hog) for _ in range(4)]
+    other_job = await _job(context, other)
+    urgent = await _job(context, hog, priority=5)
+    await _host(context, owner, price=1, gpus=[("T4", 16000)] * 3)
+    await scheduler.schedule_once(context)
+    assigned = {j for j in [*hog_jobs, other_job, urgent] if (await _get(context, j)).host_id}
+    # The urgent job first, then each renter's oldest before anyone's second.
+    assert assigned == {urgent, hog_jobs[0], other_job}
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
+async def test_concurrent_schedulers_never_double_assign(settings: Any) -> None:
+    """Several scheduler passes at once on separate connections (as on separate replicas):
+    every GPU goes to one job, every job gets at most one host."""
+    contexts = [ServerContext.build(settings) for _ in range(4)]
+    try:
+        owner = await _user(contexts[0])
+        for _ in range(10):
+            await _host(contexts[0], owner, price=1, gpus=[("T4", 16000)] * 2)
+        jobs = [await _job(contexts[0], owner) for _ in range(40)]
+        for _ in range(3):
+            await asyncio.gather(*(scheduler.schedule_once(c) for c in contexts))
+        async with contexts[0].sessionmaker() as session:
+            claimed = list(
+                await session.execute(
+                    select(HostGpuModel.id, HostGpuModel.job_id).where(
+                        HostGpuModel.job_id.is_not(None)
+                    )
+                )
+            )
+            assigned = list(
+                await session.scalars(
+                    select(JobModel).where(JobModel.id.in_(jobs), JobModel.state == "assigned")
+                )
+            )
+            events = list(
+                await session.scalars(
+                    select(JobEventModel).where(JobEventModel.to_state == "assigned")
+                )
+            )
+        assert len(claimed) == 20
+        assert len({job_id for _, job_id in claimed}) == 20
+        assert len(assigned) == 20 and len(events) == 20
+        assert {job.id for job in assigned} == {job_id for _, job_id in claimed}
+    finally:
+        for context in contexts:
+            await context.close()
+
+
+async def test_unacknowledged_manifest_goes_back_to_the_queue(context: ServerContext) -> None:
+    owner = await _user(context)
+    silent = await _host(context, owner, price=1, gpus=[("T4", 16000)])
+    job_id = await _job(context, owner, max_retries=1)
+    await scheduler.schedule_once(context)
+    async with context.sessionmaker() as session:
+        await session.execute(
+            update(JobModel)
+            .where(JobModel.id == job_id)
+            .values(ack_deadline=utcnow() - timedelta(seconds=1))
+        )
+        await session.commit()
+    assert await job_maintenance.run_once(context) == 1
+    job = await _get(context, job_id)
+    assert (job.state, job.host_id, job.excluded_host_ids) == ("queued", None, [str(silent)])
+    async with context.sessionmaker() as session:
+        gpu = await session.scalar(select(HostGpuModel).where(HostGpuModel.host_id == silent))
+        assert gpu is not None and gpu.job_id is None
+        reasons = list(
+            await session.execute(
+                select(JobEventModel.to_state, JobEventModel.reason)
+                .where(JobEventModel.job_id == job_id)
+                .order_by(JobEventModel.at, JobEventModel.id)
+            )
+        )
+    assert [tuple(r) for r in reasons] == [
+        ("assigned", "scheduled"),
+        ("lost", "no_ack"),
+        ("queued", "requeued"),
+    ]
+
+
+async def test_lost_host_requeues_then_fails_when_retries_run_out(
+    context: ServerContext,
+) -> None:
+    context.settings.host_lost_grace_seconds = 0
+    owner = await _user(context)
+    job_id = await _job(context, owner, max_retries=1)
+    for attempt, expected in ((1, "queued"), (2, "failed")):
+        host = await _host(context, owner, price=1, gpus=[("T4", 16000)])
+        await scheduler.schedule_once(context)
+        assert (await _get(context, job_id)).host_id == host
+        async with context.sessionmaker() as session:
+            await session.execute(
+                update(JobModel)
+                .where(JobModel.id == job_id)
+                .values(state="running", acked_at=utcnow())
+            )
+            await session.execute(
+                update(HostModel)
+                .where(HostModel.id == host)
+                .values(status="offline", last_seen_at=utcnow() - timedelta(seconds=5))
+            )
+            await session.commit()
+        await job_maintenance.run_once(context)
+        job = await _get(context, job_id)
+        assert (job.attempt, job.state) == (attempt, expected)
+    assert job.failure_reason == "host_lost"
+    assert job.finished_at is not None
+
+
+async def test_queued_jobs_expire(context: ServerContext) -> None:
+    owner = await _user(context)
+    job_id = await _job(context, owner, queue_expires_at=utcnow() - timedelta(seconds=1))
+    await job_maintenance.run_once(context)
+    job = await _get(context, job_id)
+    assert (job.state, job.failure_reason) == ("expired", "expired")
