@@ -18,7 +18,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +29,9 @@ import uvicorn
 from peergpu.config import ServerSettings
 from peergpu.server.app import create_app
 from peergpu.server.context import ServerContext
+from peergpu.server.db.base import utcnow
+from peergpu.server.db.job_models import JobModel
+from peergpu.server.db.models import UserModel
 
 T = TypeVar("T")
 
@@ -208,3 +213,31 @@ def wait_for(
             extra = f"\n{context()}" if context else ""
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
         time.sleep(0.05)
+
+
+async def assigned_job(
+    context: ServerContext, job_id: uuid.UUID, host_id: uuid.UUID, command: list[str], nonce: str
+) -> None:
+    """A job row assigned to ``host_id``, as the scheduler would leave it, for tests that
+    dispatch manifests by hand (the server believes only a job's current host)."""
+    async with context.sessionmaker() as session:
+        owner = UserModel(email=f"renter-{uuid.uuid4().hex[:12]}@example.com", password_hash="x")
+        session.add(owner)
+        await session.flush()
+        now = utcnow()
+        session.add(
+            JobModel(
+                id=job_id,
+                owner_id=owner.id,
+                state="assigned",
+                command=command,
+                max_duration_seconds=60,
+                host_id=host_id,
+                attempt=1,
+                manifest_nonce=nonce,
+                assigned_at=now,
+                ack_deadline=now + timedelta(seconds=60),
+                queue_expires_at=now + timedelta(hours=1),
+            )
+        )
+        await session.commit()

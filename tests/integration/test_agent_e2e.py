@@ -22,7 +22,13 @@ from peergpu.protocol.manifest import JobManifest, ManifestLimits, SignedManifes
 from peergpu.server.agents import dispatch
 from peergpu.server.agents.channels import job_events_stream, job_logs_stream
 from tests.factories import PASSWORD, unique_email
-from tests.integration.harness import AgentProcess, ThreadedServer, free_port, wait_for
+from tests.integration.harness import (
+    AgentProcess,
+    ThreadedServer,
+    assigned_job,
+    free_port,
+    wait_for,
+)
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -105,9 +111,18 @@ def _send(server: ThreadedServer, host_id: uuid.UUID, manifest: SignedManifest) 
 def _run(
     server: ThreadedServer, host_id: uuid.UUID, command: list[str], **kwargs: Any
 ) -> uuid.UUID:
+    """Dispatch a manifest by hand for a job row assigned to the host (as the scheduler would:
+    the server believes only a job's current host, and stops jobs a host should not run)."""
     job_id = uuid.uuid4()
+    nonce = uuid.uuid4().hex
+    server.call(lambda ctx: assigned_job(ctx, job_id, host_id, command, nonce))
     manifest = dispatch.build_manifest(
-        context=server.context, job_id=job_id, host_id=host_id, command=command, **kwargs
+        context=server.context,
+        job_id=job_id,
+        host_id=host_id,
+        command=command,
+        nonce=nonce,
+        **kwargs,
     )
     _send(server, host_id, manifest)
     return job_id

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 
+from peergpu.agent.bundle_fetch import BundleCache
 from peergpu.agent.connection import AgentConnection, Backoff
 from peergpu.agent.credentials import Credentials
 from peergpu.agent.executor import JobExecutor
@@ -48,6 +49,12 @@ def build_connection(
         work_root=settings.work_root,
         keep_work_dirs=settings.keep_work_dirs,
         on_busy_change=probe.set_busy if isinstance(probe, SimulatedProbe) else None,
+        bundles=BundleCache(
+            settings.bundle_cache_dir,
+            max_cache_bytes=settings.bundle_cache_bytes,
+            max_bundle_bytes=settings.max_bundle_bytes,
+            timeout=settings.bundle_download_timeout_seconds,
+        ),
     )
     connection = AgentConnection(
         credentials=credentials,

@@ -9,6 +9,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from peergpu.agent.bundle_fetch import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_MAX_BUNDLE_BYTES,
+    DEFAULT_TIMEOUT_SECONDS,
+)
+
 RunnerName = Literal["process", "docker"]
 
 
@@ -35,6 +41,17 @@ class AgentSettings(BaseSettings):
     )
     keep_work_dirs: bool = False
     run_as: str = Field(default="", description="unprivileged user for jobs when root")
+    max_bundle_bytes: int = Field(
+        default=DEFAULT_MAX_BUNDLE_BYTES, ge=1, description="largest job bundle downloaded (zip)"
+    )
+    bundle_cache_bytes: int = Field(
+        default=DEFAULT_CACHE_BYTES,
+        ge=0,
+        description="downloaded bundles kept for later jobs (work_root/.bundles), in total",
+    )
+    bundle_download_timeout_seconds: float = Field(
+        default=DEFAULT_TIMEOUT_SECONDS, gt=0, description="longest a bundle download may take"
+    )
 
     @property
     def credentials_path(self) -> Path:
@@ -47,6 +64,10 @@ class AgentSettings(BaseSettings):
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             return Path("/var/lib/peergpu-agent/work")
         return self.state_dir / "work"
+
+    @property
+    def bundle_cache_dir(self) -> Path:
+        return self.work_root / ".bundles"
 
     @property
     def nonce_path(self) -> Path:

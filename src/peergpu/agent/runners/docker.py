@@ -279,7 +279,8 @@ class DockerRunner(Runner):
 
     def _prepare_workdir(self, workdir: Path) -> None:
         """Create the work dir and ``outputs/`` (or adopt a work dir the caller filled) for the
-        container's numeric user: owned by it when the agent is root, else world-writable."""
+        container's numeric user: owned by it when the agent is root, else its directories
+        world-writable (the files the caller put there stay world-readable, mode 0644)."""
         if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
             raise RunnerError(f"The work dir {workdir} exists and is not a directory.")
         outputs = workdir / "outputs"
@@ -291,8 +292,8 @@ class DockerRunner(Runner):
             chown_tree(workdir, int(uid), int(gid or uid))
             os.chmod(workdir, 0o700)
         else:
-            for path in (workdir, outputs):
-                os.chmod(path, 0o777)
+            for directory, _, _ in os.walk(workdir):  # never follows symlinks
+                os.chmod(directory, 0o777)
 
 
 async def _pump(
