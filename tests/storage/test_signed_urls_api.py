@@ -3,6 +3,7 @@ and the body-size middleware configured as the server does (storage paths exempt
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import tracemalloc
@@ -112,6 +113,22 @@ async def test_presigned_put_then_get(client: httpx.AsyncClient, store: LocalObj
     assert downloaded.headers["content-length"] == str(len(data))
     assert downloaded.headers["content-type"] == "application/octet-stream"
     assert downloaded.headers["content-disposition"] == "attachment"
+
+
+async def test_uploads_tolerate_the_s3_checksum_header(
+    client: httpx.AsyncClient, store: LocalObjectStore
+) -> None:
+    """The agent sends ``x-amz-checksum-sha256`` on every upload (S3 URLs are signed over it);
+    here the signed ``sha256`` in the query is what counts and the header is ignored."""
+    body = b"artifact bytes"
+    header = {"x-amz-checksum-sha256": base64.b64encode(hashlib.sha256(body).digest()).decode()}
+    url = store.presign_put("jobs/7/a.txt", expires_in=60, max_bytes=len(body), sha256=sha(body))
+    uploaded = await client.put(url, content=body, headers=header)
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["sha256"] == sha(body)
+
+    unbound = store.presign_put("jobs/7/b.txt", expires_in=60, max_bytes=100)
+    assert (await client.put(unbound, content=body, headers=header)).status_code == 200
 
 
 async def test_download_under_a_signed_filename(

@@ -1,11 +1,13 @@
 """Uploads a finished job's output files through pre-signed URLs the server grants.
 
 Each file's size and sha256 are computed first and sent with the request, so the server can
-bind each URL to that exact content; the agent then PUTs the bytes and reports what landed.
+bind each URL to that exact content; the agent then PUTs the bytes, with the length and the
+digest as headers (an S3 URL is signed over both), and reports what landed.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -50,7 +52,12 @@ async def upload_outputs(*, link: Link, job_id: uuid.UUID, outputs_dir: Path) ->
                 response = await http.put(
                     target.url,
                     content=_read(outputs_dir / target.path),
-                    headers={"content-length": str(spec.size)},
+                    headers={
+                        "content-length": str(spec.size),
+                        # S3's pre-signed PUTs sign this header (the body must hash to it);
+                        # the server's own upload route ignores it.
+                        "x-amz-checksum-sha256": _checksum_header(spec.sha256),
+                    },
                 )
             except httpx.HTTPError as exc:
                 skipped.append(f"{target.path}: upload failed ({exc})")
@@ -85,6 +92,11 @@ def _collect(outputs_dir: Path) -> tuple[list[FileSpec], list[str]]:
                 continue
             files.append(FileSpec(path=relative, size=path.stat().st_size, sha256=_sha256(path)))
     return files, skipped
+
+
+def _checksum_header(sha256: str) -> str:
+    """``x-amz-checksum-sha256`` wants the digest in base64, not hex."""
+    return base64.b64encode(bytes.fromhex(sha256)).decode()
 
 
 def _sha256(path: Path) -> str:
