@@ -65,7 +65,8 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json()["status"] == "ok"
     ready = await client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "bus": "ok"}}
+    checks = {"database": "ok", "bus": "ok", "storage": "ok"}
+    assert ready.json() == {"status": "ready", "checks": checks}
 
 
 async def test_openapi_has_stable_operation_ids(client: httpx.AsyncClient) -> None:

@@ -341,3 +341,21 @@ async def test_create_bus_follows_settings() -> None:
     )
     assert isinstance(redis_bus, RedisBus)
     await redis_bus.close()
+
+
+async def test_cancelling_a_waiting_reader_always_stops_it(bus: Bus) -> None:
+    """A task blocked in ``get(timeout=...)`` ends when cancelled, whatever the moment: a loop
+    around ``get`` (the scheduler's, the hub's) must never outlive its cancellation."""
+    async with bus.subscribe("cancel-me") as subscription:
+
+        async def loop() -> None:
+            while True:
+                await subscription.get(timeout=0.05)
+
+        for attempt in range(40):
+            task = asyncio.create_task(loop())
+            await asyncio.sleep(0.001 + (attempt % 10) * 0.007)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2)
+            assert done, f"the reader outlived its cancellation (attempt {attempt})"
+            assert task.cancelled()

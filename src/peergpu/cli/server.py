@@ -33,29 +33,45 @@ def demo(
         ".peergpu/demo"
     ),
     fresh: Annotated[bool, typer.Option(help="Start from an empty database.")] = False,
+    sample_job: Annotated[
+        bool, typer.Option(help="Submit a sample job and print its live logs.")
+    ] = True,
 ) -> None:
-    """Run everything on the embedded defaults: SQLite, the in-process bus, demo accounts."""
+    """Run everything on the embedded defaults: SQLite, the in-process bus, the local object
+    store, demo accounts, three simulated hosts that really run jobs, and a sample job."""
     from peergpu.demo import seed_demo, wipe
+    from peergpu.demo_runtime import run_demo
 
     if fresh:
         wipe(data_dir)
     settings = load_settings(
-        host="127.0.0.1", port=port, data_dir=data_dir, database_url="", redis_url=""
+        host="127.0.0.1",
+        port=port,
+        data_dir=data_dir,
+        database_url="",
+        redis_url="",
+        s3_bucket="",
+        agent_heartbeat_seconds=5.0,
     )
-    accounts = asyncio.run(seed_demo(settings))
+    accounts, demo_hosts = asyncio.run(seed_demo(settings))
     console.rule("[bold]PeerGPU demo")
     console.print(f"API docs:  [link]{settings.effective_public_url}/docs[/link]")
+    api_key = ""
     for account in accounts:
         console.print(
             f"{account.role:<7} {account.email:<24} password: {account.password}"
             + (f"  api key: {account.api_key}" if account.api_key else "")
         )
+        api_key = account.api_key or api_key
+    url = settings.effective_public_url
     console.print(
-        "Try: curl -H 'Authorization: Bearer <api key>' "
-        f"{settings.effective_public_url}/api/v1/users/me"
+        f"Try:  peergpu login --server {url} --api-key {api_key}\n"
+        "      peergpu hosts list\n"
+        "      peergpu jobs submit -f -- python3 -c \"print('hello from a GPU host')\""
     )
     console.rule()
-    _run(settings, "info")
+    configure_logging("warning")
+    run_demo(settings, demo_hosts, api_key, console, sample_job=sample_job)
 
 
 def _run(settings: ServerSettings, log_level: str) -> None:

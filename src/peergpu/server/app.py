@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 
 from peergpu import __version__
 from peergpu.config import ServerSettings
+from peergpu.errors import ServiceUnavailable
 from peergpu.server.agents.hub import AgentHub
 from peergpu.server.agents.sweeper import run_presence_sweeper
 from peergpu.server.api import (
@@ -54,6 +55,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if settings.migrate_on_start:
                 await migrate.upgrade(context.engine)
             app.state.context = context
+            try:
+                await context.storage.check()
+            except ServiceUnavailable as exc:  # serve anyway: /readyz reports it until fixed
+                logger.error("object storage is not usable: %s", exc.message)
             app.state.hub = AgentHub(context)
             sweeper = asyncio.create_task(run_presence_sweeper(context), name="presence-sweeper")
             scheduler = (

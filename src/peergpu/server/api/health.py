@@ -16,7 +16,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 
 
-@router.get("/readyz", summary="Readiness: the database and the bus answer")
+@router.get("/readyz", summary="Readiness: the database, the bus and object storage answer")
 async def readyz(context: ContextDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
@@ -30,6 +30,11 @@ async def readyz(context: ContextDep) -> JSONResponse:
         checks["bus"] = "ok"
     except ServiceUnavailable as exc:
         checks["bus"] = f"error: {exc.message}"
+    try:
+        await context.storage.check()
+        checks["storage"] = "ok"
+    except ServiceUnavailable as exc:
+        checks["storage"] = f"error: {exc.message}"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},

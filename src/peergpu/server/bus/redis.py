@@ -222,6 +222,11 @@ class _RedisSubscription(Subscription):
             raise
         finally:
             self._read_task = None
+        current = asyncio.current_task()
+        if current is not None and current.cancelling() and not self._closed:
+            # Our caller was cancelled while the read finished anyway (redis-py can swallow
+            # the cancellation of its read and return normally): honour the cancel.
+            raise asyncio.CancelledError
         return raw
 
     def _to_message(self, raw: dict[str, Any]) -> Message:

@@ -32,7 +32,7 @@ from peergpu.server.db.job_models import (
     JobModel,
     JobState,
 )
-from peergpu.server.services import job_states
+from peergpu.server.services import job_logs, job_states
 from peergpu.server.storage.base import is_valid_key
 
 logger = logging.getLogger(__name__)
@@ -159,10 +159,6 @@ async def on_logs(context: ServerContext, host_id: uuid.UUID, batch: LogBatch) -
         job = await _current_job(session, host_id, batch.job_id)
         if job is None:
             return None
-        try:  # TEMPORARY until services.job_logs lands (being written in parallel)
-            from peergpu.server.services import job_logs
-        except ImportError:
-            return None
         stored: int | None = await job_logs.store_batch(context, session, job, list(batch.lines))
         return stored
 
@@ -205,7 +201,11 @@ async def on_artifacts(context: ServerContext, host_id: uuid.UUID, report: Artif
             if not is_valid_key(key):
                 continue
             info = await context.storage.head(key)
-            if info is None or info.size != spec.size:
+            if (
+                info is None
+                or info.size != spec.size
+                or (info.sha256 is not None and info.sha256 != spec.sha256)
+            ):
                 logger.warning("job %s: artifact %s reported but not stored", job.id, spec.path)
                 continue
             await session.execute(
@@ -269,10 +269,6 @@ async def reconcile(
 
 async def _archive(context: ServerContext, job_id: uuid.UUID) -> None:
     try:
-        try:  # TEMPORARY until services.job_logs lands (being written in parallel)
-            from peergpu.server.services import job_logs
-        except ImportError:
-            return
         async with context.sessionmaker() as session:
             await job_logs.archive(context, session, job_id)
     except Exception:  # noqa: BLE001 - retried by the sweeper; never kills the socket

@@ -134,6 +134,9 @@ class ObjectStore(ABC):
         seconds; with ``filename`` the download is offered under that name. No I/O; the URL
         is valid whether or not the object exists yet."""
 
+    async def check(self) -> None:  # noqa: B027 - optional hook, nothing to check by default
+        """Raise ``ServiceUnavailable`` if the store cannot be used (readiness, startup)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Release connections (an S3 client); call once when the server stops."""
 

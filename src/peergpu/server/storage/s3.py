@@ -272,6 +272,9 @@ class S3ObjectStore(ObjectStore):
 
     # -- operations ---------------------------------------------------------------------------
 
+    async def check(self) -> None:
+        await self.ensure_bucket()
+
     async def ensure_bucket(self, *, create: bool = False) -> None:
         """Check that the bucket exists and the credentials reach it, for a clear error at
         startup rather than on the first upload. With ``create`` (tests, a dev setup) a

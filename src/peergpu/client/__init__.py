@@ -1,0 +1,61 @@
+"""The PeerGPU Python SDK: a typed client over the REST API (httpx).
+
+    from peergpu.client import PeerGPU, zip_directory
+
+See :class:`PeerGPU` for the operations and :mod:`peergpu.client.errors` for what they raise.
+The ``peergpu`` CLI is built on this package.
+"""
+
+from __future__ import annotations
+
+from peergpu.client.bundles import zip_directory
+from peergpu.client.client import PeerGPU
+from peergpu.client.errors import (
+    BundleError,
+    ClientError,
+    DownloadError,
+    PeerGPUError,
+    PeerGPUUnavailable,
+    UnsafePath,
+)
+from peergpu.client.models import (
+    FINAL_STATES,
+    Artifact,
+    BundleInfo,
+    EnrollmentToken,
+    Host,
+    Job,
+    JobEvent,
+    JobUpdate,
+    LogLine,
+    LogPage,
+    MarketHost,
+    Page,
+    TokenPair,
+    User,
+)
+
+__all__ = [
+    "FINAL_STATES",
+    "Artifact",
+    "BundleError",
+    "BundleInfo",
+    "ClientError",
+    "DownloadError",
+    "EnrollmentToken",
+    "Host",
+    "Job",
+    "JobEvent",
+    "JobUpdate",
+    "LogLine",
+    "LogPage",
+    "MarketHost",
+    "Page",
+    "PeerGPU",
+    "PeerGPUError",
+    "PeerGPUUnavailable",
+    "TokenPair",
+    "UnsafePath",
+    "User",
+    "zip_directory",
+]
