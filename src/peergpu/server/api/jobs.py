@@ -75,7 +75,10 @@ async def upload_bundle(
 @router.post(
     "/jobs",
     status_code=status.HTTP_201_CREATED,
-    responses={**errors(404, 409), 200: {"model": JobPublic, "description": "Idempotent replay"}},
+    responses={
+        **errors(404, 409, 413),
+        200: {"model": JobPublic, "description": "Idempotent replay"},
+    },
 )
 async def submit_job(
     body: JobCreate,

@@ -64,7 +64,7 @@ WATERMARK_FIRST_SEQ = -1
 _MAX_INT = 2**31 - 1
 _CURSOR = re.compile(r"(\d{1,10})-(\d{1,10})", re.ASCII)
 _ARCHIVE_KEY = re.compile(rb'\{"attempt":(\d+),"seq":(\d+),')
-_ROWS_PER_QUERY = 64
+_MAX_ROWS_PER_QUERY = 64
 _ARCHIVE_WRITE_BYTES = 256 * 1024
 
 
@@ -549,6 +549,8 @@ async def _row_lines(
     pending: deque[LogLine] = deque()
     last = cursor
     position: tuple[int, int] | None = None
+    # Few rows first (a page of lines is a few agent batches), more while the reader keeps on.
+    rows_per_query = 4
     while True:
         page = query
         if position is not None:
@@ -561,7 +563,7 @@ async def _row_lines(
         async with scope() as session:
             rows = (
                 await session.execute(
-                    page.order_by(chunk.attempt, chunk.first_seq).limit(_ROWS_PER_QUERY)
+                    page.order_by(chunk.attempt, chunk.first_seq).limit(rows_per_query)
                 )
             ).all()
         for row_id, attempt, first_seq, data in rows:
@@ -578,8 +580,9 @@ async def _row_lines(
                 pending.clear()
             pending.extend(lines)
             position = (attempt, first_seq)
-        if len(rows) < _ROWS_PER_QUERY:
+        if len(rows) < rows_per_query:
             break
+        rows_per_query = min(rows_per_query * 2, _MAX_ROWS_PER_QUERY)
     for line in pending:
         if last is None or line.key > last:
             last = line.key
@@ -622,11 +625,9 @@ def _parse_archived(raw: bytes, cursor: Cursor | None) -> LogLine | None:
 
 
 def _parse_chunk(attempt: int, data: str) -> list[LogLine]:
-    lines = []
-    for raw in data.split("\n"):
-        item = json.loads(raw)
-        lines.append(LogLine(attempt, item["seq"], item["stream"], item["line"], item["ts"]))
-    return lines
+    # JSON strings never hold a raw newline, so the lines are one JSON array away.
+    items = json.loads("[" + data.replace("\n", ",") + "]")
+    return [LogLine(attempt, i["seq"], i["stream"], i["line"], i["ts"]) for i in items]
 
 
 # ---------------------------------------------------------------- writing
