@@ -94,4 +94,4 @@ def test_register_login_me_key_against_a_real_server(server: str) -> None:
         me = http.get("/api/v1/users/me", headers={"Authorization": f"Bearer {key}"})
         assert me.status_code == 200 and me.json()["email"] == body["email"]
         ready = http.get("/readyz").json()
-        assert ready["checks"] == {"database": "ok", "bus": "ok"}
+        assert ready["checks"] == {"database": "ok", "bus": "ok", "storage": "ok"}

@@ -263,3 +263,35 @@ async def test_queued_jobs_expire(context: ServerContext) -> None:
     await job_maintenance.run_once(context)
     job = await _get(context, job_id)
     assert (job.state, job.failure_reason) == ("expired", "expired")
+
+
+async def test_the_sweep_archives_logs_the_job_end_path_missed(context: ServerContext) -> None:
+    from peergpu.protocol.messages import LogLineSpec
+    from peergpu.server.db.job_models import JobLogChunkModel
+    from peergpu.server.services import job_logs
+
+    owner = await _user(context)
+    job_id = await _job(context, owner, attempt=1)
+    async with context.sessionmaker() as session:
+        job = await session.get(JobModel, job_id)
+        assert job is not None
+        lines = [LogLineSpec(seq=i, stream="stdout", line=f"l{i}", ts=0.0) for i in range(3)]
+        await job_logs.store_batch(context, session, job, lines)
+        await session.execute(
+            update(JobModel)
+            .where(JobModel.id == job_id)
+            .values(state="failed", finished_at=utcnow() - timedelta(minutes=5))
+        )
+        await session.commit()
+    await job_maintenance.run_once(context)
+    job = await _get(context, job_id)
+    assert job.logs_archived
+    async with context.sessionmaker() as session:
+        left = await session.scalar(
+            select(JobLogChunkModel.id).where(
+                JobLogChunkModel.job_id == job_id, JobLogChunkModel.line_count > 0
+            )
+        )
+    assert left is None  # (an empty row may stay as the dedupe watermark)
+    stored = await context.storage.get(job_logs.archive_key(job_id))
+    assert (await stored.read_all()).count(b'"line"') == 3

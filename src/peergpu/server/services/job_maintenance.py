@@ -24,13 +24,16 @@ from peergpu.server.agents import dispatch
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel, HostSessionModel, HostStatus
-from peergpu.server.db.job_models import FINAL_STATES, JobModel, JobState
+from peergpu.server.db.job_models import FINAL_STATES, JobLogChunkModel, JobModel, JobState
 from peergpu.server.services import hosts as host_service
-from peergpu.server.services import job_states
+from peergpu.server.services import job_logs, job_states
 
 logger = logging.getLogger(__name__)
 
 RELIABILITY_REFRESH_SECONDS = 300.0
+#: The job-end path archives logs at once; the sweep picks up what it missed after this long.
+ARCHIVE_RETRY_AFTER_SECONDS = 60.0
+_ARCHIVE_BATCH = 20
 _BATCH = 500
 _last_reliability_refresh: dict[int, float] = {}
 
@@ -45,6 +48,7 @@ async def run_once(context: ServerContext) -> int:
         freed = await _stale_gpu_claims(context, session)
         await session.commit()
         await _refresh_reliability(context, session)
+    await _archive_leftover_logs(context)
     for job_id, state, host_id in changed:
         if host_id is not None:
             await dispatch.send_cancel(
@@ -166,6 +170,31 @@ async def _stale_gpu_claims(context: ServerContext, session: AsyncSession) -> in
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def _archive_leftover_logs(context: ServerContext) -> None:
+    """Archive the logs of ended jobs whose archive at job end failed (or never ran, as for a
+    job cancelled while its host was away), a few at a time."""
+    cutoff = utcnow() - timedelta(seconds=ARCHIVE_RETRY_AFTER_SECONDS)
+    async with context.sessionmaker() as session:
+        pending = select(JobLogChunkModel.job_id).where(JobLogChunkModel.line_count > 0)
+        job_ids = list(
+            await session.scalars(
+                select(JobModel.id)
+                .where(
+                    JobModel.state.in_([s.value for s in FINAL_STATES]),
+                    JobModel.finished_at < cutoff,
+                    JobModel.id.in_(pending),
+                )
+                .limit(_ARCHIVE_BATCH)
+            )
+        )
+    for job_id in job_ids:
+        try:
+            async with context.sessionmaker() as session:
+                await job_logs.archive(context, session, job_id)
+        except Exception:  # noqa: BLE001 - one bad archive must not stop the sweep
+            logger.exception("job %s: archiving logs failed again", job_id)
 
 
 async def _refresh_reliability(context: ServerContext, session: AsyncSession) -> None:

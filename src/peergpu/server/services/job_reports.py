@@ -271,5 +271,5 @@ async def _archive(context: ServerContext, job_id: uuid.UUID) -> None:
     try:
         async with context.sessionmaker() as session:
             await job_logs.archive(context, session, job_id)
-    except Exception:  # noqa: BLE001 - retried by the sweeper; never kills the socket
+    except Exception:  # noqa: BLE001 - the sweep retries it; never kills the socket
         logger.exception("job %s: archiving logs failed", job_id)
