@@ -9,12 +9,15 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 from rich.console import Console
@@ -74,7 +77,7 @@ def run_demo(
         )
         if sample_job:
             try:
-                _sample_job(settings.effective_public_url, api_key, console, stop)
+                _sample_job(settings.effective_public_url, api_key, console, stop, len(demo_hosts))
             except Exception as exc:  # noqa: BLE001 - the demo server keeps running regardless
                 console.print(f"[yellow]the sample job could not be shown: {exc}[/]")
         # The agents were started from this thread: on Linux they are told to stop when it
@@ -97,9 +100,19 @@ def run_demo(
                 process.kill()
 
 
+def _work_root(data_dir: Path) -> Path:
+    """Where the demo agents keep job work dirs. Not under the data dir: when the demo runs as
+    root, jobs run as an unprivileged user, who must be able to reach their work dir, and a
+    data dir under a private home (0700) would not let them. One per data dir and user."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    root = Path(tempfile.gettempdir()) / f"peergpu-demo-{os.getuid()}-{digest}"
+    root.mkdir(mode=0o711, exist_ok=True)
+    root.chmod(0o711)
+    return root
+
+
 def _start_agent(settings: ServerSettings, host: DemoHost) -> subprocess.Popen[bytes]:
-    work = settings.data_dir / "agent-work" / host.name
-    work.mkdir(parents=True, exist_ok=True)
+    work = _work_root(settings.data_dir) / host.name
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PEERGPU_")},
         "PEERGPU_AGENT_WORK_DIR": str(work.resolve()),
@@ -140,12 +153,21 @@ def _stop_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _sample_job(url: str, api_key: str, console: Console, stop: threading.Event) -> None:
+def _sample_job(
+    url: str, api_key: str, console: Console, stop: threading.Event, expected_hosts: int
+) -> None:
     with PeerGPU(url, api_key=api_key) as client:
         deadline = time.monotonic() + 60
-        while not any(h.free_gpus for h in client.list_marketplace_hosts().items):
-            if stop.wait(0.25) or time.monotonic() > deadline:
+        # Wait for every demo host (so the job goes to the cheapest), or at least one.
+        while len(market := client.list_marketplace_hosts().items) < expected_hosts:
+            if stop.wait(0.25):
                 return
+            if time.monotonic() > deadline:
+                if market:
+                    break
+                console.print("[yellow]no demo host came online; see the agents' logs[/]")
+                return
+        names = {h.id: f"{h.name} ({h.gpus[0].model if h.gpus else 'no GPU'})" for h in market}
         job = client.submit_job(
             command=["python3", "-c", SAMPLE_JOB],
             name="sample: fine-tune tiny-mlp",
@@ -166,8 +188,12 @@ def _sample_job(url: str, api_key: str, console: Console, stop: threading.Event)
                 console.print(event.line, style=style, markup=False, highlight=False)
             elif isinstance(event, JobUpdate) and event.job.state != state:
                 state = event.job.state
-                host = f" on host {event.job.host_id}" if event.job.host_id else ""
+                host_id = str(event.job.host_id or "")
+                host = f" on {names.get(host_id, host_id)}" if host_id else ""
                 console.print(f"[cyan]state[/] {state}{host}")
+                if state == "failed":
+                    reason = f"{event.job.failure_reason}: {event.job.message}"
+                    console.print(reason, style="red", markup=False, highlight=False)
         artifacts = client.list_artifacts(job.id)
         for artifact in artifacts:
             console.print(
