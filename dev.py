@@ -46,8 +46,8 @@ def demo(uv: str, extra: list[str]) -> int:
 
 def test(uv: str, extra: list[str]) -> int:
     steps = [
-        ["ruff", "check", "src", "tests", "dev.py"],
-        ["ruff", "format", "--check", "src", "tests", "dev.py"],
+        ["ruff", "check", "src", "tests", "bench", "dev.py"],
+        ["ruff", "format", "--check", "src", "tests", "bench", "dev.py"],
         ["mypy"],
         ["pytest", *extra],
     ]
