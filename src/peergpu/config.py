@@ -40,6 +40,9 @@ class ServerSettings(BaseSettings):
     database_echo: bool = False
     redis_url: str = ""
     redis_prefix: str = "peergpu:"
+    redis_max_connections: int = Field(
+        default=10_000, ge=10, description="each connected agent holds one (its subscription)"
+    )
     migrate_on_start: bool = True
 
     secret_key: SecretStr = SecretStr("")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -359,3 +360,16 @@ async def test_cancelling_a_waiting_reader_always_stops_it(bus: Bus) -> None:
             done, _ = await asyncio.wait([task], timeout=2)
             assert done, f"the reader outlived its cancellation (attempt {attempt})"
             assert task.cancelled()
+
+
+async def test_hundreds_of_subscriptions_at_once(bus: Bus) -> None:
+    """One subscription per connected agent: a replica holds hundreds (redis-py's default pool
+    of 100 connections once capped a replica at 98 agents)."""
+    async with contextlib.AsyncExitStack() as stack:
+        subscriptions = [
+            await stack.enter_async_context(bus.subscribe(f"many-{n}")) for n in range(150)
+        ]
+        for n in (0, 77, 149):
+            await bus.publish(f"many-{n}", b"hi")
+            message = await subscriptions[n].get(timeout=5)
+            assert message is not None and message.data == b"hi"

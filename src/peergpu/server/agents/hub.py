@@ -52,6 +52,8 @@ from peergpu.server.services import hosts, job_reports, job_states, presence
 logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_SECONDS = 10.0
+#: Heartbeats with an unchanged ``running_jobs`` between two reconciliations.
+RECONCILE_EVERY = 4
 
 
 @dataclass
@@ -60,6 +62,9 @@ class _Socket:
     host_id: uuid.UUID
     connection_id: str
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: What the last reconciled report said the host runs, and heartbeats since then.
+    reported: frozenset[uuid.UUID] = frozenset()
+    unreconciled: int = 0
 
     async def send(self, payload: str) -> None:
         async with self.send_lock:
@@ -172,13 +177,19 @@ class AgentHub:
                 if not current:
                     await _close(socket.websocket, CLOSE_SUPERSEDED)
                     return
-                await self._reconcile(socket, list(message.running_jobs))
+                reported = frozenset(message.running_jobs)
+                socket.unreconciled += 1
+                # Reconcile when the report changes, and every few beats anyway (a job the
+                # host never started does not change its report).
+                if reported != socket.reported or socket.unreconciled >= RECONCILE_EVERY:
+                    await self._reconcile(socket, list(reported))
                 continue
             for reply in await self.events.handle(socket.host_id, message):
                 await socket.send(reply.model_dump_json())
 
     async def _reconcile(self, socket: _Socket, running: list[uuid.UUID]) -> None:
         """Stop what the host runs that it should not (cancelled, or re-queued elsewhere)."""
+        socket.reported, socket.unreconciled = frozenset(running), 0
         for job_id in await job_reports.reconcile(self.context, socket.host_id, running):
             logger.info(
                 "host %s runs job %s, which is not its to run: cancelling", socket.host_id, job_id

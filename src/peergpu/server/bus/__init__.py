@@ -28,5 +28,9 @@ def create_bus(settings: ServerSettings) -> Bus:
     Creating either bus does no I/O; call ``ping`` to check that Redis is reachable.
     """
     if settings.redis_url:
-        return RedisBus(settings.redis_url, prefix=settings.redis_prefix)
+        return RedisBus(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            max_connections=settings.redis_max_connections,
+        )
     return InProcessBus()

@@ -48,6 +48,11 @@ _DATA_FIELD = b"d"
 DEFAULT_SOCKET_TIMEOUT = 5.0
 
 
+#: Every subscription holds a connection of its own (one per agent socket on this replica),
+#: so the pool must be far larger than redis-py's default of 100.
+DEFAULT_MAX_CONNECTIONS = 10_000
+
+
 class RedisBus(Bus):
     """``Bus`` over Redis; see the module docstring for key layout and error mapping."""
 
@@ -57,12 +62,15 @@ class RedisBus(Bus):
         *,
         prefix: str = "peergpu:",
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if socket_timeout <= 0:
             raise ValueError(f"socket_timeout must be positive, got {socket_timeout}")
         self._prefix = prefix
         self._socket_timeout = socket_timeout
-        self._redis = _create_client(url, socket_timeout=socket_timeout, retries=3)
+        self._redis = _create_client(
+            url, socket_timeout=socket_timeout, retries=3, max_connections=max_connections
+        )
         self._subscriptions: set[_RedisSubscription] = set()
 
     async def publish(self, channel: str, data: bytes) -> None:
@@ -234,10 +242,13 @@ class _RedisSubscription(Subscription):
         return Message(channel=channel, data=bytes(raw["data"]))
 
 
-def _create_client(url: str, *, socket_timeout: float, retries: int) -> Redis:
+def _create_client(
+    url: str, *, socket_timeout: float, retries: int, max_connections: int | None = None
+) -> Redis:
     """A pooled binary-safe client with bounded timeouts and short jittered retries."""
     return Redis.from_url(
         url,
+        max_connections=max_connections,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         retry=Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.01), retries),

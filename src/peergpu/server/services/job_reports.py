@@ -29,6 +29,7 @@ from peergpu.server.db.job_models import (
     ACTIVE_STATES,
     FINAL_STATES,
     JobArtifactModel,
+    JobLogChunkModel,
     JobModel,
     JobState,
 )
@@ -38,6 +39,7 @@ from peergpu.server.storage.base import is_valid_key
 logger = logging.getLogger(__name__)
 
 UPLOAD_URL_SECONDS = 3600
+_background: set[asyncio.Task[None]] = set()
 _FINAL_STATE_BY_AGENT = {
     "succeeded": JobState.succeeded,
     "failed": JobState.failed,
@@ -145,8 +147,16 @@ async def on_status(context: ServerContext, host_id: uuid.UUID, status: JobStatu
                     .values(**{k: v for k, v in outcome.items() if v is not None})
                 )
             freed = await job_states.release_gpus(session, job.id) > 0
+            has_logs = await session.scalar(
+                select(JobLogChunkModel.id)
+                .where(JobLogChunkModel.job_id == job.id, JobLogChunkModel.line_count > 0)
+                .limit(1)
+            )
             await session.commit()
-            asyncio.get_running_loop().create_task(_archive(context, job.id))
+            if has_logs is not None:
+                task = asyncio.get_running_loop().create_task(_archive(context, job.id))
+                _background.add(task)  # keep a reference until it is done
+                task.add_done_callback(_background.discard)
     if new_state is not None:
         await job_states.notify(context, status.job_id, new_state, wake_scheduler=freed)
     elif freed:
