@@ -172,21 +172,28 @@ async def uptime(
     *, session: AsyncSession, host_id: uuid.UUID, now: datetime | None = None
 ) -> float:
     """Share of the last 30 days the host was online (0..1), from its session intervals."""
+    return (await uptimes(session=session, host_ids=[host_id], now=now))[host_id]
+
+
+async def uptimes(
+    *, session: AsyncSession, host_ids: list[uuid.UUID] | None = None, now: datetime | None = None
+) -> dict[uuid.UUID, float]:
+    """``uptime`` of several hosts (every host with a session in the window when ``host_ids``
+    is None) in one query; hosts without sessions in the window are at 0."""
     now = now or utcnow()
     window_start = now - UPTIME_WINDOW
-    rows = await session.execute(
-        select(HostSessionModel.started_at, HostSessionModel.ended_at).where(
-            HostSessionModel.host_id == host_id,
-            or_(HostSessionModel.ended_at.is_(None), HostSessionModel.ended_at > window_start),
-        )
-    )
-    online = timedelta()
-    for started, ended in rows:
+    query = select(
+        HostSessionModel.host_id, HostSessionModel.started_at, HostSessionModel.ended_at
+    ).where(or_(HostSessionModel.ended_at.is_(None), HostSessionModel.ended_at > window_start))
+    if host_ids is not None:
+        query = query.where(HostSessionModel.host_id.in_(host_ids))
+    online = {host_id: timedelta() for host_id in host_ids or ()}
+    for host_id, started, ended in await session.execute(query):
         start = max(started, window_start)
         end = min(ended or now, now)
         if end > start:
-            online += end - start
-    return min(1.0, online / UPTIME_WINDOW)
+            online[host_id] = online.get(host_id, timedelta()) + (end - start)
+    return {host_id: min(1.0, total / UPTIME_WINDOW) for host_id, total in online.items()}
 
 
 async def count_gpus(*, session: AsyncSession, host_id: uuid.UUID) -> int:

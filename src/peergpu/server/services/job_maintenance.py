@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from peergpu.server.agents import dispatch
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.host_models import HostGpuModel, HostModel, HostSessionModel, HostStatus
+from peergpu.server.db.host_models import HostGpuModel, HostModel, HostStatus
 from peergpu.server.db.job_models import FINAL_STATES, JobLogChunkModel, JobModel, JobState
 from peergpu.server.services import hosts as host_service
 from peergpu.server.services import job_logs, job_states
@@ -205,19 +205,7 @@ async def _refresh_reliability(context: ServerContext, session: AsyncSession) ->
     if last is not None and now_mono - last < RELIABILITY_REFRESH_SECONDS:
         return
     _last_reliability_refresh[key] = now_mono
-    now = utcnow()
-    window_start = now - host_service.UPTIME_WINDOW
-    rows = await session.execute(
-        select(
-            HostSessionModel.host_id, HostSessionModel.started_at, HostSessionModel.ended_at
-        ).where(or_(HostSessionModel.ended_at.is_(None), HostSessionModel.ended_at > window_start))
-    )
-    online: dict[uuid.UUID, timedelta] = {}
-    for host_id, started, ended in rows:
-        start = max(started, window_start)
-        end = min(ended or now, now)
-        if end > start:
-            online[host_id] = online.get(host_id, timedelta()) + (end - start)
+    online = await host_service.uptimes(session=session)
     host_ids = list(
         await session.scalars(select(HostModel.id).where(HostModel.revoked_at.is_(None)))
     )
@@ -227,9 +215,7 @@ async def _refresh_reliability(context: ServerContext, session: AsyncSession) ->
             [
                 {
                     "id": host_id,
-                    "reliability": min(
-                        1.0, online.get(host_id, timedelta()) / host_service.UPTIME_WINDOW
-                    ),
+                    "reliability": online.get(host_id, 0.0),
                 }
                 for host_id in host_ids
             ],
