@@ -9,6 +9,7 @@ separate process.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -24,16 +25,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import uvicorn
 
 from peergpu.config import ServerSettings
+from peergpu.server.agents.channels import job_events_stream, job_logs_stream
 from peergpu.server.app import create_app
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.job_models import JobModel
 from peergpu.server.db.models import UserModel
+from tests.factories import PASSWORD
 
 T = TypeVar("T")
+
+FINAL_AGENT_STATES = {"succeeded", "failed", "cancelled"}
 
 
 def free_port() -> int:
@@ -195,6 +201,12 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def host_id(self) -> uuid.UUID:
+        """The host this agent was enrolled as (from its credential file)."""
+        data = json.loads((self.state_dir / "credentials.json").read_text())
+        return uuid.UUID(data["host_id"])
+
 
 def wait_for(
     predicate: Callable[[], Any],
@@ -241,3 +253,85 @@ async def assigned_job(
             )
         )
         await session.commit()
+
+
+def e2e_settings(settings: ServerSettings, **overrides: Any) -> ServerSettings:
+    """``settings`` for a ``ThreadedServer`` on a free port, with fast agent heartbeats."""
+    port = free_port()
+    return settings.model_copy(
+        update={
+            "port": port,
+            "public_url": f"http://127.0.0.1:{port}",
+            "agent_heartbeat_seconds": 0.5,
+            "agent_missed_heartbeats": 3,
+            **overrides,
+        }
+    )
+
+
+def login(server: ThreadedServer, roles: list[str], stem: str = "e2e") -> dict[str, str]:
+    """Register a new user with ``roles`` and return its bearer header."""
+    email = f"{stem}-{uuid.uuid4().hex[:12]}@example.com"
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        body = {"email": email, "password": PASSWORD, "roles": roles}
+        registered = http.post("/api/v1/auth/register", json=body)
+        assert registered.status_code == 201, registered.text
+        tokens = http.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+    return {"Authorization": f"Bearer {tokens.json()['access_token']}"}
+
+
+def enroll_agent(
+    server: ThreadedServer,
+    owner: dict[str, str],
+    state_dir: Path,
+    *,
+    simulate: str = "H100x2,RTX4090",
+    **token_body: Any,
+) -> AgentProcess:
+    """Create an enrolment token as ``owner``, enrol an agent process with it, start it and
+    wait until its host is online."""
+    token = httpx.post(
+        f"{server.url}/api/v1/hosts/enrollment-tokens", json=token_body, headers=owner, timeout=10
+    )
+    assert token.status_code == 201, token.text
+    process = AgentProcess(state_dir=state_dir, simulate=simulate)
+    enrolled = process.enroll(server.url, token.json()["token"])
+    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
+    process.start()
+    host_id = str(process.host_id)
+
+    def online() -> bool:
+        hosts = httpx.get(f"{server.url}/api/v1/hosts", headers=owner, timeout=10).json()
+        return any(h["id"] == host_id and h["status"] == "online" for h in hosts["data"])
+
+    wait_for(online, what=f"host {host_id} online", context=process.log)
+    return process
+
+
+def bus_stream(server: ThreadedServer, name: str) -> list[dict[str, Any]]:
+    """Every entry of a bus stream (``jobevents:<id>``, ``joblogs:<id>``), decoded."""
+    entries = server.call(lambda ctx: ctx.bus.read(name, count=100_000))
+    return [json.loads(entry.data) for entry in entries]
+
+
+def final_status(
+    server: ThreadedServer, job_id: uuid.UUID, agent: AgentProcess, timeout: float = 30
+) -> dict[str, Any]:
+    """The job's final ``job_status`` as the agent reported it."""
+
+    def final() -> dict[str, Any] | None:
+        for event in bus_stream(server, job_events_stream(job_id)):
+            if event["type"] == "job_status" and event["state"] in FINAL_AGENT_STATES:
+                return event
+        return None
+
+    return dict(wait_for(final, timeout=timeout, what=f"job {job_id} to end", context=agent.log))
+
+
+def log_lines(server: ThreadedServer, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The job's log lines from the bus trail, by seq (at least once: repeats dropped)."""
+    seen: dict[int, dict[str, Any]] = {}
+    for batch in bus_stream(server, job_logs_stream(job_id)):
+        for line in batch["lines"]:
+            seen.setdefault(line["seq"], line)
+    return [seen[seq] for seq in sorted(seen)]

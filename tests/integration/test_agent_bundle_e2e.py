@@ -15,24 +15,19 @@ import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from peergpu.config import ServerSettings
 from peergpu.server.agents import dispatch
-from peergpu.server.agents.channels import job_events_stream, job_logs_stream
-from tests.factories import PASSWORD, unique_email
+from tests.integration import harness
 from tests.integration.harness import (
     AgentProcess,
     ThreadedServer,
     assigned_job,
-    free_port,
-    wait_for,
+    final_status,
+    log_lines,
 )
-
-FINAL = {"succeeded", "failed", "cancelled"}
 
 MAIN_PY = b"""\
 import os, pathlib
@@ -44,36 +39,15 @@ pathlib.Path(os.environ["PEERGPU_OUTPUT_DIR"], "answer.txt").write_text("42")
 
 @pytest.fixture
 def server(settings: ServerSettings) -> Iterator[ThreadedServer]:
-    port = free_port()
-    e2e = settings.model_copy(
-        update={
-            "port": port,
-            "public_url": f"http://127.0.0.1:{port}",
-            "agent_heartbeat_seconds": 0.5,
-        }
-    )
-    running = ThreadedServer(e2e).start()
+    running = ThreadedServer(harness.e2e_settings(settings)).start()
     yield running
     running.stop()
 
 
 @pytest.fixture
 def agent(server: ThreadedServer, tmp_path: Path) -> Iterator[AgentProcess]:
-    owner = _host_owner(server)
-    process = AgentProcess(state_dir=tmp_path / "agent")
-    token = httpx.post(
-        f"{server.url}/api/v1/hosts/enrollment-tokens", json={}, headers=owner, timeout=10
-    )
-    assert token.status_code == 201, token.text
-    enrolled = process.enroll(server.url, token.json()["token"])
-    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
-    process.start()
-
-    def online() -> bool:
-        hosts = httpx.get(f"{server.url}/api/v1/hosts", headers=owner, timeout=10).json()
-        return any(host["status"] == "online" for host in hosts["data"])
-
-    wait_for(online, what="the agent to come online", context=process.log)
+    owner = harness.login(server, ["host"], "host")
+    process = harness.enroll_agent(server, owner, tmp_path / "agent")
     yield process
     process.stop()
 
@@ -85,7 +59,7 @@ def test_job_runs_from_a_downloaded_bundle_and_reuses_the_cache(
     url, sha = _store_bundle(server, bundle)
 
     first = _dispatch(server, agent, url, sha)
-    status = _final_status(server, first, agent)
+    status = final_status(server, first, agent)
     assert status["state"] == "succeeded", json.dumps(status)
     assert _lines(server, first, "stdout") == ["hello from the bundle", "config: lr=0.1"]
     [unpacked] = _lines(server, first, "system")
@@ -94,7 +68,7 @@ def test_job_runs_from_a_downloaded_bundle_and_reuses_the_cache(
     assert stored is not None and stored.size == 2
 
     second = _dispatch(server, agent, url, sha)
-    assert _final_status(server, second, agent)["state"] == "succeeded"
+    assert final_status(server, second, agent)["state"] == "succeeded"
     assert "found in the cache" in _lines(server, second, "system")[0]
     cache = agent.work_dir / ".bundles"
     assert [p.name for p in cache.iterdir()] == [f"{sha}.zip"]
@@ -108,7 +82,7 @@ def test_bundle_escaping_its_folder_is_refused_and_nothing_runs(
     url, sha = _store_bundle(server, bundle)
 
     job_id = _dispatch(server, agent, url, sha)
-    status = _final_status(server, job_id, agent)
+    status = final_status(server, job_id, agent)
     assert (status["state"], status["failure_reason"]) == ("failed", "path_traversal"), status
     assert _lines(server, job_id, "stdout") == []
     assert "bundle was refused (path_traversal)" in _lines(server, job_id, "system")[0]
@@ -116,7 +90,7 @@ def test_bundle_escaping_its_folder_is_refused_and_nothing_runs(
 
     wrong = hashlib.sha256(b"not this bundle").hexdigest()
     mismatch = _dispatch(server, agent, url, wrong)
-    status = _final_status(server, mismatch, agent)
+    status = final_status(server, mismatch, agent)
     assert status["failure_reason"] == "bundle_checksum_mismatch", status
 
 
@@ -140,7 +114,7 @@ def _store_bundle(server: ThreadedServer, data: bytes) -> tuple[str, str]:
 
 
 def _dispatch(server: ThreadedServer, agent: AgentProcess, url: str, sha: str) -> uuid.UUID:
-    host_id = uuid.UUID(json.loads((agent.state_dir / "credentials.json").read_text())["host_id"])
+    host_id = agent.host_id
     job_id = uuid.uuid4()
     nonce = uuid.uuid4().hex
     command = ["python3", "main.py"]
@@ -158,33 +132,5 @@ def _dispatch(server: ThreadedServer, agent: AgentProcess, url: str, sha: str) -
     return job_id
 
 
-def _host_owner(server: ThreadedServer) -> dict[str, str]:
-    email = unique_email("host")
-    with httpx.Client(base_url=server.url, timeout=10) as http:
-        body = {"email": email, "password": PASSWORD, "roles": ["host"]}
-        assert http.post("/api/v1/auth/register", json=body).status_code == 201
-        login = http.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
-    return {"Authorization": f"Bearer {login.json()['access_token']}"}
-
-
-def _stream(server: ThreadedServer, name: str) -> list[dict[str, Any]]:
-    entries = server.call(lambda ctx: ctx.bus.read(name, count=100_000))
-    return [json.loads(entry.data) for entry in entries]
-
-
-def _final_status(server: ThreadedServer, job_id: uuid.UUID, agent: AgentProcess) -> dict[str, Any]:
-    def final() -> dict[str, Any] | None:
-        for event in _stream(server, job_events_stream(job_id)):
-            if event["type"] == "job_status" and event["state"] in FINAL:
-                return event
-        return None
-
-    return dict(wait_for(final, timeout=30, what=f"job {job_id} to end", context=agent.log))
-
-
 def _lines(server: ThreadedServer, job_id: uuid.UUID, stream: str) -> list[str]:
-    seen: dict[int, dict[str, Any]] = {}
-    for batch in _stream(server, job_logs_stream(job_id)):
-        for line in batch["lines"]:
-            seen.setdefault(line["seq"], line)  # at least once: duplicates carry the same seq
-    return [seen[seq]["line"] for seq in sorted(seen) if seen[seq]["stream"] == stream]
+    return [ln["line"] for ln in log_lines(server, job_id) if ln["stream"] == stream]

@@ -20,30 +20,22 @@ import pytest
 from peergpu.config import ServerSettings
 from peergpu.protocol.manifest import JobManifest, ManifestLimits, SignedManifest, sign_manifest
 from peergpu.server.agents import dispatch
-from peergpu.server.agents.channels import job_events_stream, job_logs_stream
-from tests.factories import PASSWORD, unique_email
+from peergpu.server.agents.channels import job_events_stream
+from tests.integration import harness
 from tests.integration.harness import (
     AgentProcess,
     ThreadedServer,
     assigned_job,
-    free_port,
+    bus_stream,
+    final_status,
+    log_lines,
     wait_for,
 )
-
-FINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture
 def e2e_settings(settings: ServerSettings) -> ServerSettings:
-    port = free_port()
-    return settings.model_copy(
-        update={
-            "port": port,
-            "public_url": f"http://127.0.0.1:{port}",
-            "agent_heartbeat_seconds": 0.5,
-            "agent_missed_heartbeats": 3,
-        }
-    )
+    return harness.e2e_settings(settings)
 
 
 @pytest.fixture
@@ -55,13 +47,7 @@ def server(e2e_settings: ServerSettings) -> Iterator[ThreadedServer]:
 
 @pytest.fixture
 def owner(server: ThreadedServer) -> dict[str, str]:
-    email = unique_email("host")
-    with httpx.Client(base_url=server.url, timeout=10) as http:
-        body = {"email": email, "password": PASSWORD, "roles": ["host"]}
-        assert http.post("/api/v1/auth/register", json=body).status_code == 201
-        login = {"email": email, "password": PASSWORD}
-        tokens = http.post("/api/v1/auth/login", json=login).json()
-    return {"Authorization": f"Bearer {tokens['access_token']}"}
+    return harness.login(server, ["host"], "host")
 
 
 def _enrollment_token(server: ThreadedServer, owner: dict[str, str], **body: Any) -> str:
@@ -80,28 +66,11 @@ def _hosts(server: ThreadedServer, owner: dict[str, str]) -> list[dict[str, Any]
 
 @pytest.fixture
 def agent(server: ThreadedServer, owner: dict[str, str], tmp_path: Path) -> Iterator[AgentProcess]:
-    process = AgentProcess(state_dir=tmp_path / "agent")
-    token = _enrollment_token(server, owner, name="rig-1", price_per_gpu_hour="1.25")
-    enrolled = process.enroll(server.url, token)
-    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
-    process.start()
-    wait_for(
-        lambda: [h for h in _hosts(server, owner) if h["status"] == "online"],
-        what="the agent to come online",
-        context=process.log,
+    process = harness.enroll_agent(
+        server, owner, tmp_path / "agent", name="rig-1", price_per_gpu_hour="1.25"
     )
     yield process
     process.stop()
-
-
-def _host_id(agent: AgentProcess) -> uuid.UUID:
-    data = json.loads((agent.state_dir / "credentials.json").read_text())
-    return uuid.UUID(data["host_id"])
-
-
-def _stream(server: ThreadedServer, name: str) -> list[dict[str, Any]]:
-    entries = server.call(lambda ctx: ctx.bus.read(name, count=100_000))
-    return [json.loads(entry.data) for entry in entries]
 
 
 def _send(server: ThreadedServer, host_id: uuid.UUID, manifest: SignedManifest) -> None:
@@ -128,34 +97,14 @@ def _run(
     return job_id
 
 
-def _final_status(
-    server: ThreadedServer, job_id: uuid.UUID, agent: AgentProcess, timeout: float = 30
-) -> dict[str, Any]:
-    def final() -> dict[str, Any] | None:
-        for event in _stream(server, job_events_stream(job_id)):
-            if event["type"] == "job_status" and event["state"] in FINAL:
-                return event
-        return None
-
-    return dict(wait_for(final, timeout=timeout, what=f"job {job_id} to end", context=agent.log))
-
-
 def _ack(server: ThreadedServer, job_id: uuid.UUID, agent: AgentProcess) -> dict[str, Any]:
     def ack() -> dict[str, Any] | None:
         events = [
-            e for e in _stream(server, job_events_stream(job_id)) if e["type"] == "manifest_ack"
+            e for e in bus_stream(server, job_events_stream(job_id)) if e["type"] == "manifest_ack"
         ]
         return events[0] if events else None
 
     return dict(wait_for(ack, what=f"an ack for {job_id}", context=agent.log))
-
-
-def _log_lines(server: ThreadedServer, job_id: uuid.UUID) -> list[dict[str, Any]]:
-    seen: dict[int, dict[str, Any]] = {}
-    for batch in _stream(server, job_logs_stream(job_id)):
-        for line in batch["lines"]:
-            seen.setdefault(line["seq"], line)  # at least once: duplicates carry the same seq
-    return [seen[seq] for seq in sorted(seen)]
 
 
 def test_enrolled_agent_appears_online_with_its_gpus(
@@ -219,7 +168,7 @@ def test_killed_agent_goes_offline_and_returns_after_a_server_restart(
 def test_signed_manifest_runs_a_real_command_with_ordered_logs(
     server: ThreadedServer, agent: AgentProcess
 ) -> None:
-    host_id = _host_id(agent)
+    host_id = agent.host_id
     script = (
         "import sys\nfor i in range(300):\n    print(f'line {i}', flush=True)\n"
         "print('oops', file=sys.stderr)\n"
@@ -228,17 +177,17 @@ def test_signed_manifest_runs_a_real_command_with_ordered_logs(
     )
     job_id = _run(server, host_id, ["python3", "-c", script], env={"GREETING": "hi"})
     assert _ack(server, job_id, agent)["accepted"] is True
-    status = _final_status(server, job_id, agent)
+    status = final_status(server, job_id, agent)
     assert status["state"] == "succeeded", json.dumps(status)
     assert status["exit_code"] == 0
-    lines = _log_lines(server, job_id)
+    lines = log_lines(server, job_id)
     stdout = [ln["line"] for ln in lines if ln["stream"] == "stdout"]
     assert stdout == [f"line {i}" for i in range(300)]
     assert [ln["line"] for ln in lines if ln["stream"] == "stderr"] == ["oops"]
     assert [ln["seq"] for ln in lines] == list(range(len(lines)))
     assert status["last_log_seq"] == len(lines) - 1
     [report] = [
-        e for e in _stream(server, job_events_stream(job_id)) if e["type"] == "artifact_report"
+        e for e in bus_stream(server, job_events_stream(job_id)) if e["type"] == "artifact_report"
     ]
     assert report["files"] == [
         {"path": "result.txt", "size": 2, "sha256": hashlib.sha256(b"42").hexdigest()}
@@ -248,7 +197,7 @@ def test_signed_manifest_runs_a_real_command_with_ordered_logs(
 
 
 def test_failures_are_reported_with_reasons(server: ThreadedServer, agent: AgentProcess) -> None:
-    host_id = _host_id(agent)
+    host_id = agent.host_id
     exit_code = _run(server, host_id, ["sh", "-c", "echo bye; exit 3"])
     loop = _run(
         server,
@@ -262,19 +211,19 @@ def test_failures_are_reported_with_reasons(server: ThreadedServer, agent: Agent
         ["python3", "-c", "x = bytearray(1 << 30)"],
         limits=ManifestLimits(memory_bytes=256 * 1024 * 1024),
     )
-    failed = _final_status(server, exit_code, agent)
+    failed = final_status(server, exit_code, agent)
     assert (failed["state"], failed["exit_code"]) == ("failed", 3)
-    timed_out = _final_status(server, loop, agent)
+    timed_out = final_status(server, loop, agent)
     assert timed_out["state"] == "failed" and timed_out["failure_reason"] == "timeout"
     assert timed_out["duration_seconds"] < 5
-    hogged = _final_status(server, hog, agent)
+    hogged = final_status(server, hog, agent)
     assert hogged["state"] == "failed" and hogged["failure_reason"] == "memory_limit", hogged
 
 
 def test_bad_manifests_are_refused_and_reported(
     server: ThreadedServer, agent: AgentProcess
 ) -> None:
-    host_id = _host_id(agent)
+    host_id = agent.host_id
     key = server.context.signing_key
     now = time.time()
 
@@ -320,12 +269,12 @@ def test_bad_manifests_are_refused_and_reported(
         lambda: (
             [
                 e
-                for e in _stream(server, job_events_stream(replay_id))
+                for e in bus_stream(server, job_events_stream(replay_id))
                 if e["type"] == "manifest_ack"
             ][1:]
             and [
                 e
-                for e in _stream(server, job_events_stream(replay_id))
+                for e in bus_stream(server, job_events_stream(replay_id))
                 if e["type"] == "manifest_ack"
             ]
         ),
@@ -333,8 +282,8 @@ def test_bad_manifests_are_refused_and_reported(
         context=agent.log,
     )
     assert [(a["accepted"], a["reason"]) for a in acks] == [(True, None), (False, "replayed")]
-    _final_status(server, replay_id, agent)
-    assert [ln["line"] for ln in _log_lines(server, replay_id)] == ["once"]
+    final_status(server, replay_id, agent)
+    assert [ln["line"] for ln in log_lines(server, replay_id)] == ["once"]
     # The same job again under a fresh nonce is refused too: a job id runs once per host.
     again = dispatch.build_manifest(
         context=server.context, job_id=replay_id, host_id=host_id, command=["echo", "twice"]
@@ -345,7 +294,7 @@ def test_bad_manifests_are_refused_and_reported(
             len(
                 [
                     e
-                    for e in _stream(server, job_events_stream(replay_id))
+                    for e in bus_stream(server, job_events_stream(replay_id))
                     if e["type"] == "manifest_ack"
                 ]
             )
@@ -355,6 +304,6 @@ def test_bad_manifests_are_refused_and_reported(
         context=agent.log,
     )
     third = [
-        e for e in _stream(server, job_events_stream(replay_id)) if e["type"] == "manifest_ack"
+        e for e in bus_stream(server, job_events_stream(replay_id)) if e["type"] == "manifest_ack"
     ]
     assert (third[2]["accepted"], third[2]["reason"]) == (False, "replayed")

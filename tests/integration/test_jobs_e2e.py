@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from peergpu.config import ServerSettings
-from tests.factories import PASSWORD, unique_email
-from tests.integration.harness import AgentProcess, ThreadedServer, free_port, wait_for
+from tests.integration import harness
+from tests.integration.harness import AgentProcess, ThreadedServer, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,17 +27,11 @@ FINAL = {"succeeded", "failed", "cancelled", "expired"}
 
 @pytest.fixture
 def e2e_settings(settings: ServerSettings) -> ServerSettings:
-    port = free_port()
-    return settings.model_copy(
-        update={
-            "port": port,
-            "public_url": f"http://127.0.0.1:{port}",
-            "agent_heartbeat_seconds": 0.5,
-            "agent_missed_heartbeats": 3,
-            "scheduler_sweep_seconds": 0.5,
-            "host_lost_grace_seconds": 1.0,
-            "manifest_ack_timeout_seconds": 10.0,
-        }
+    return harness.e2e_settings(
+        settings,
+        scheduler_sweep_seconds=0.5,
+        host_lost_grace_seconds=1.0,
+        manifest_ack_timeout_seconds=10.0,
     )
 
 
@@ -48,45 +42,26 @@ def server(e2e_settings: ServerSettings) -> Iterator[ThreadedServer]:
     running.stop()
 
 
-def _login(server: ThreadedServer, roles: list[str]) -> dict[str, str]:
-    email = unique_email("e2e")
-    with httpx.Client(base_url=server.url, timeout=10) as http:
-        body = {"email": email, "password": PASSWORD, "roles": roles}
-        assert http.post("/api/v1/auth/register", json=body).status_code == 201
-        tokens = http.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
-    return {"Authorization": f"Bearer {tokens.json()['access_token']}"}
-
-
 class Hosts:
     """Enrols and runs agent processes for one host owner."""
 
     def __init__(self, server: ThreadedServer, tmp_path: Path) -> None:
         self.server = server
         self.tmp_path = tmp_path
-        self.owner = _login(server, ["host"])
+        self.owner = harness.login(server, ["host"])
         self.agents: dict[str, AgentProcess] = {}
 
     def add(self, name: str, simulate: str, price: str) -> str:
-        response = httpx.post(
-            f"{self.server.url}/api/v1/hosts/enrollment-tokens",
-            json={"name": name, "price_per_gpu_hour": price},
-            headers=self.owner,
-            timeout=10,
+        agent = harness.enroll_agent(
+            self.server,
+            self.owner,
+            self.tmp_path / name,
+            simulate=simulate,
+            name=name,
+            price_per_gpu_hour=price,
         )
-        assert response.status_code == 201, response.text
-        agent = AgentProcess(state_dir=self.tmp_path / name, simulate=simulate)
-        enrolled = agent.enroll(self.server.url, response.json()["token"])
-        assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
-        agent.start()
         self.agents[name] = agent
-        host = wait_for(
-            lambda: next(
-                (h for h in self.list() if h["name"] == name and h["status"] == "online"), None
-            ),
-            what=f"{name} online",
-            context=agent.log,
-        )
-        return str(host["id"])
+        return str(agent.host_id)
 
     def list(self) -> list[dict[str, Any]]:
         response = httpx.get(f"{self.server.url}/api/v1/hosts", headers=self.owner, timeout=10)
@@ -110,7 +85,7 @@ def hosts(server: ThreadedServer, tmp_path: Path) -> Iterator[Hosts]:
 class Renter:
     def __init__(self, server: ThreadedServer) -> None:
         self.http = httpx.Client(
-            base_url=server.url, headers=_login(server, ["renter"]), timeout=10
+            base_url=server.url, headers=harness.login(server, ["renter"]), timeout=10
         )
 
     def submit(self, **body: Any) -> dict[str, Any]:

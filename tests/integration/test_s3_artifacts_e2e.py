@@ -21,7 +21,7 @@ import pytest
 
 from peergpu.config import ServerSettings
 from peergpu.server.storage.s3 import S3ObjectStore
-from tests.factories import PASSWORD, unique_email
+from tests.integration import harness
 from tests.integration.harness import AgentProcess, ThreadedServer, free_port, wait_for
 from tests.storage.testing_s3 import S3Server
 
@@ -85,35 +85,17 @@ def server(
     running.stop()
 
 
-def _login(server: ThreadedServer, roles: list[str]) -> dict[str, str]:
-    email = unique_email("s3e2e")
-    with httpx.Client(base_url=server.url, timeout=10) as http:
-        body = {"email": email, "password": PASSWORD, "roles": roles}
-        assert http.post("/api/v1/auth/register", json=body).status_code == 201
-        tokens = http.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
-    return {"Authorization": f"Bearer {tokens.json()['access_token']}"}
-
-
 @pytest.fixture
 def agent(server: ThreadedServer, tmp_path: Path) -> Iterator[AgentProcess]:
-    owner = _login(server, ["host"])
-    token = httpx.post(
-        f"{server.url}/api/v1/hosts/enrollment-tokens",
-        json={"name": "rig", "price_per_gpu_hour": "0.50"},
-        headers=owner,
-        timeout=10,
+    owner = harness.login(server, ["host"], "s3e2e")
+    process = harness.enroll_agent(
+        server,
+        owner,
+        tmp_path / "agent",
+        simulate="RTX4090",
+        name="rig",
+        price_per_gpu_hour="0.50",
     )
-    assert token.status_code == 201, token.text
-    process = AgentProcess(state_dir=tmp_path / "agent", simulate="RTX4090")
-    enrolled = process.enroll(server.url, token.json()["token"])
-    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
-    process.start()
-
-    def online() -> bool:
-        hosts = httpx.get(f"{server.url}/api/v1/hosts", headers=owner, timeout=10).json()
-        return any(host["status"] == "online" for host in hosts["data"])
-
-    wait_for(online, what="the agent to come online", context=process.log)
     yield process
     process.stop()
 
@@ -123,7 +105,7 @@ def test_job_outputs_land_in_s3_and_download_from_it(
 ) -> None:
     assert isinstance(server.context.storage, S3ObjectStore)
     with httpx.Client(
-        base_url=server.url, headers=_login(server, ["renter"]), timeout=10
+        base_url=server.url, headers=harness.login(server, ["renter"]), timeout=10
     ) as renter:
         submitted = renter.post("/api/v1/jobs", json={"command": ["python3", "-c", JOB]})
         assert submitted.status_code == 201, submitted.text
