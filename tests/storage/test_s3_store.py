@@ -16,14 +16,13 @@ import pytest
 
 from peergpu.config import ServerSettings
 from peergpu.errors import InvalidInput, ServiceUnavailable
-from peergpu.server.api.storage import content_disposition as route_content_disposition
 from peergpu.server.storage import create_object_store, derive_storage_secret
 from peergpu.server.storage import s3 as s3_module
+from peergpu.server.storage.base import content_disposition
 from peergpu.server.storage.s3 import (
     MIN_PART_SIZE,
     S3ObjectStore,
     checksum_header,
-    content_disposition,
 )
 from tests.integration.harness import free_port
 from tests.storage.testing_s3 import SECRET_KEY, S3Server
@@ -149,9 +148,26 @@ async def test_presigned_get_offers_the_file_under_its_name(s3_store: S3ObjectSt
         assert s3_error(await http.get(tampered)) == (403, "SignatureDoesNotMatch")
 
 
-@pytest.mark.parametrize("filename", [None, "a.txt", 'résumé "v2".bin', "日本語.csv", "a;b=c"])
-def test_content_disposition_matches_the_local_route(filename: str | None) -> None:
-    assert content_disposition(filename) == route_content_disposition(filename)
+@pytest.mark.parametrize(
+    ("filename", "header"),
+    [
+        (None, "attachment"),
+        ("a.txt", "attachment; filename=\"a.txt\"; filename*=UTF-8''a.txt"),
+        (
+            'résumé "v2".bin',
+            'attachment; filename="r_sum_ _v2_.bin"; '
+            "filename*=UTF-8''r%C3%A9sum%C3%A9%20%22v2%22.bin",
+        ),
+        (
+            "日本語.csv",
+            "attachment; filename=\"___.csv\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC%E8%AA%9E.csv",
+        ),
+        ("a;b=c", "attachment; filename=\"a;b=c\"; filename*=UTF-8''a%3Bb%3Dc"),
+    ],
+)
+def test_content_disposition_is_rfc_6266(filename: str | None, header: str) -> None:
+    """One function builds the header for the local route and for S3's presigned GETs."""
+    assert content_disposition(filename) == header
 
 
 # -- the prefix -------------------------------------------------------------------------------

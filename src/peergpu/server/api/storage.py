@@ -12,7 +12,6 @@ answer 404.
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -21,7 +20,7 @@ from starlette.background import BackgroundTask
 
 from peergpu.errors import NotFound, PayloadTooLarge
 from peergpu.server.schemas.errors import ErrorBody
-from peergpu.server.storage.base import ObjectStore
+from peergpu.server.storage.base import ObjectStore, content_disposition
 from peergpu.server.storage.local import LocalObjectStore
 from peergpu.server.storage.signing import UrlGrant
 
@@ -114,15 +113,3 @@ async def download_object(
         headers=headers,
         background=BackgroundTask(stream.aclose),
     )
-
-
-def content_disposition(filename: str | None) -> str:
-    """``attachment``, with the name as RFC 6266 wants it: an ASCII fallback plus the exact
-    UTF-8 name in ``filename*``."""
-    if filename is None:
-        return "attachment"
-    fallback = "".join(
-        char if char.isascii() and char.isprintable() and char not in '"\\' else "_"
-        for char in filename
-    )
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
+from urllib.parse import quote
 
 from peergpu.errors import InvalidInput
 
@@ -212,6 +213,19 @@ def validate_filename(filename: str) -> str:
             details={"filename": filename[:MAX_FILENAME_LENGTH]},
         )
     return filename
+
+
+def content_disposition(filename: str | None) -> str:
+    """``attachment``, with the name as RFC 6266 wants it: an ASCII fallback plus the exact
+    UTF-8 name in ``filename*``. The same header on every backend (the local store's route
+    sends it; S3 is asked to, through ``ResponseContentDisposition``)."""
+    if filename is None:
+        return "attachment"
+    fallback = "".join(
+        char if char.isascii() and char.isprintable() and char not in '"\\' else "_"
+        for char in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def validate_lifetime(expires_in: int) -> int:

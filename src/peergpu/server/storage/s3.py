@@ -55,7 +55,6 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import anyio
 import botocore.session
@@ -77,6 +76,7 @@ from peergpu.server.storage.base import (
     ObjectInfo,
     ObjectStore,
     ObjectStream,
+    content_disposition,
     is_valid_key,
     validate_filename,
     validate_key,
@@ -625,18 +625,6 @@ def _create_client(**options: Any) -> Any:
         if _session is None:
             _session = botocore.session.get_session()
         return _session.create_client("s3", **options)
-
-
-def content_disposition(filename: str | None) -> str:
-    """``attachment``, with the name as RFC 6266 wants it: an ASCII fallback plus the exact
-    UTF-8 name in ``filename*`` (the same header the local store's route sends)."""
-    if filename is None:
-        return "attachment"
-    fallback = "".join(
-        char if char.isascii() and char.isprintable() and char not in '"\\' else "_"
-        for char in filename
-    )
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def checksum_header(sha256: str) -> str:
