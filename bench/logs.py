@@ -28,41 +28,36 @@ import json
 import os
 import pstats
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import asyncpg
-import redis
 import uvicorn
 from websockets.asyncio.client import connect
 
+from bench._harness import (
+    PASSWORD,
+    SECRET,
+    environment,
+    listening,
+    machine_cpu,
+    process_cpu,
+)
 from peergpu.config import ServerSettings
 from peergpu.protocol.messages import Heartbeat, Hello
 from peergpu.server.app import create_app
 from peergpu.server.context import ServerContext
-from peergpu.server.db import migrate
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.job_models import JobModel, JobState
 from peergpu.server.db.models import UserRole
 from peergpu.server.security.principal import Principal
 from peergpu.server.services import accounts, hosts
-
-POSTGRES_DSN = os.environ.get(
-    "PEERGPU_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("PEERGPU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-SECRET = "bench-secret-" + "x" * 40
-PASSWORD = "correct horse battery"
 
 
 @dataclass(frozen=True)
@@ -133,7 +128,7 @@ def main() -> None:
 
 
 async def _bench(backend: str, args: argparse.Namespace) -> Result:
-    async with _environment(backend) as settings:
+    async with environment(backend, "peergpu-bench") as settings:
         seeded = await _seed(settings)
         with _server(settings, args.profile) as server:
             return await _measure(backend, settings, seeded, server, args)
@@ -154,20 +149,20 @@ async def _measure(
     async with connect(follow_url, max_size=None, compression=compression) as renter:
         first = json.loads(await renter.recv())
         assert first["type"] == "state", first
-        cpu_before = (_process_cpu(server.pid), time.process_time(), _machine_cpu())
+        cpu_before = (process_cpu(server.pid), time.process_time(), machine_cpu())
         started = time.time()
         sender = asyncio.create_task(_send(f"{base}/agent/ws", seeded, args))
         latencies = await _receive(renter, args.lines)
         finished = time.time()
-        cpu_after = (_process_cpu(server.pid), time.process_time(), _machine_cpu())
+        cpu_after = (process_cpu(server.pid), time.process_time(), machine_cpu())
         await sender
-    server_cpu, client_cpu, machine_cpu = (
+    server_cpu, client_cpu, machine_busy = (
         b - a for a, b in zip(cpu_before, cpu_after, strict=True)
     )
     label = "SQLite+in-process" if backend == "sqlite" else "PostgreSQL+Redis"
     label += " batched" if args.ws_batch else ""
     return Result(
-        label, len(latencies), finished - started, latencies, server_cpu, client_cpu, machine_cpu
+        label, len(latencies), finished - started, latencies, server_cpu, client_cpu, machine_busy
     )
 
 
@@ -225,52 +220,6 @@ async def _drain_acks(agent: object, last_seq: int) -> None:
 
 
 # ---------------------------------------------------------------- environment
-
-
-@contextlib.asynccontextmanager
-async def _environment(backend: str) -> AsyncIterator[ServerSettings]:
-    with tempfile.TemporaryDirectory(prefix="peergpu-bench-") as data_dir:
-        common = {
-            "data_dir": Path(data_dir),
-            "secret_key": SECRET,
-            "port": _free_port(),
-            "host": "127.0.0.1",
-            "migrate_on_start": False,
-            "argon2_time_cost": 1,
-            "argon2_memory_cost_kib": 64,
-        }
-        if backend == "sqlite":
-            settings = ServerSettings(**common)  # type: ignore[arg-type]
-            await _migrate(settings)
-            yield settings
-            return
-        name = f"peergpu_bench_{uuid.uuid4().hex[:10]}"
-        admin = await asyncpg.connect(POSTGRES_DSN)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        prefix = f"peergpu-bench-{uuid.uuid4().hex[:8]}:"
-        base = POSTGRES_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-        try:
-            settings = ServerSettings(  # type: ignore[arg-type]
-                **common, database_url=f"{base}/{name}", redis_url=REDIS_URL, redis_prefix=prefix
-            )
-            await _migrate(settings)
-            yield settings
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-            if keys:
-                client.delete(*keys)
-            client.close()
-
-
-async def _migrate(settings: ServerSettings) -> None:
-    context = ServerContext.build(settings)
-    try:
-        await migrate.upgrade(context.engine)
-    finally:
-        await context.close()
 
 
 async def _seed(settings: ServerSettings) -> Seeded:
@@ -342,7 +291,7 @@ def _server(settings: ServerSettings, profile: Path | None) -> object:
     )
     try:
         deadline = time.monotonic() + 30
-        while not _listening(settings.port):
+        while not listening(settings.port):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.05)
@@ -394,31 +343,9 @@ def _print_profile(path: Path) -> None:
 
 def _background_load(seconds: float = 2.0) -> float:
     """How many cores something else keeps busy, measured over ``seconds``."""
-    before = _machine_cpu()
+    before = machine_cpu()
     time.sleep(seconds)
-    return (_machine_cpu() - before) / seconds
-
-
-def _process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_cpu() -> float:
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    busy = sum(int(v) for v in fields) - int(fields[3]) - int(fields[4])  # minus idle, iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+    return (machine_cpu() - before) / seconds
 
 
 if __name__ == "__main__":

@@ -63,28 +63,33 @@ import os
 import pstats
 import random
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
-import redis
 import uvicorn
 from sqlalchemy import func, insert, select, text, update
 
+if not __package__:  # run as a script (python bench/scheduler.py): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._harness import (  # noqa: E402
+    PASSWORD,
+    SECRET,
+    environment,
+    listening,
+    machine_cpu,
+    process_cpu,
+)
 from peergpu.config import ServerSettings
 from peergpu.server.context import ServerContext
-from peergpu.server.db import migrate
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel
 from peergpu.server.db.job_models import JobModel, JobState
@@ -94,12 +99,6 @@ from peergpu.server.security import api_keys as key_format
 from peergpu.server.security.principal import Principal
 from peergpu.server.services import accounts, api_keys
 
-POSTGRES_DSN = os.environ.get(
-    "PEERGPU_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("PEERGPU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-SECRET = "bench-secret-" + "x" * 40
-PASSWORD = "correct horse battery"
 HERE = Path(__file__).resolve().parent
 #: (model, VRAM MiB, share of hosts)
 GPU_MODELS = [
@@ -295,7 +294,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def _bench(backend: str, args: argparse.Namespace) -> Report:
-    async with _environment(backend, args) as settings:
+    overrides = {"scheduler_batch_size": args.batch_size} if args.batch_size else {}
+    async with environment(backend, "peergpu-bench-sched", **overrides) as settings:
         report = Report(backend, args, settings.scheduler_batch_size)
         seeded = await _seed(settings, args, report)
         profile = _profile_path(args.profile, backend) if args.profile else None
@@ -763,54 +763,6 @@ async def _sleep_until(wall: float) -> None:
 # ---------------------------------------------------------------- environment and seeding
 
 
-@contextlib.asynccontextmanager
-async def _environment(backend: str, args: argparse.Namespace) -> AsyncIterator[ServerSettings]:
-    with tempfile.TemporaryDirectory(prefix="peergpu-bench-sched-") as data_dir:
-        common: dict[str, Any] = {
-            "data_dir": Path(data_dir),
-            "secret_key": SECRET,
-            "port": _free_port(),
-            "host": "127.0.0.1",
-            "migrate_on_start": False,
-            "argon2_time_cost": 1,
-            "argon2_memory_cost_kib": 64,
-        }
-        if args.batch_size:
-            common["scheduler_batch_size"] = args.batch_size
-        if backend == "sqlite":
-            settings = ServerSettings(**common)
-            await _migrate(settings)
-            yield settings
-            return
-        name = f"peergpu_bench_{uuid.uuid4().hex[:10]}"
-        admin = await asyncpg.connect(POSTGRES_DSN)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        prefix = f"peergpu-bench-sched-{uuid.uuid4().hex[:8]}:"
-        base = POSTGRES_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-        try:
-            settings = ServerSettings(
-                **common, database_url=f"{base}/{name}", redis_url=REDIS_URL, redis_prefix=prefix
-            )
-            await _migrate(settings)
-            yield settings
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            for start in range(0, len(keys), 1000):
-                client.delete(*keys[start : start + 1000])
-            client.close()
-
-
-async def _migrate(settings: ServerSettings) -> None:
-    context = ServerContext.build(settings)
-    try:
-        await migrate.upgrade(context.engine)
-    finally:
-        await context.close()
-
-
 async def _seed(settings: ServerSettings, args: argparse.Namespace, report: Report) -> Seeded:
     """Users, an API key, hosts with credentials made as ``hosts.enroll`` makes them (in bulk,
     paused), and the queued jobs."""
@@ -1004,7 +956,7 @@ def _server(
     )
     try:
         deadline = time.monotonic() + 60
-        while not _listening(settings.port):
+        while not listening(settings.port):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start: " + log_path.read_text()[-2000:])
             time.sleep(0.05)
@@ -1116,14 +1068,14 @@ class _CpuMonitor:
         self.stores = stores  # PostgreSQL and Redis are ours (else they count as "other")
 
     def sample(self) -> dict[str, float]:
-        values = {name: _process_cpu(pid) for name, pid in self.pids.items()}
-        values["server loop thread"] = _process_cpu(
+        values = {name: process_cpu(pid) for name, pid in self.pids.items()}
+        values["server loop thread"] = process_cpu(
             self.pids["server"], f"/proc/{self.pids['server']}/task/{self.pids['server']}/stat"
         )
         if self.stores:
             values["postgres"] = _cpu_by_name("postgres")
             values["redis"] = _cpu_by_name("redis-server")
-        values["machine"] = _machine_cpu()
+        values["machine"] = machine_cpu()
         values["wall"] = time.time()
         return values
 
@@ -1143,14 +1095,6 @@ class _CpuMonitor:
         )
 
 
-def _process_cpu(pid: int, path: str = "") -> float:
-    try:
-        fields = Path(path or f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_by_name(name: str) -> float:
     """CPU seconds of every process called ``name``, with the children they reaped (so that
     PostgreSQL backends that exited still count, through the postmaster)."""
@@ -1167,23 +1111,6 @@ def _cpu_by_name(name: str) -> float:
             fields = text.rsplit(")", 1)[1].split()
             total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
-
-
-def _machine_cpu() -> float:
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    busy = sum(int(v) for v in fields) - int(fields[3]) - int(fields[4])  # minus idle, iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 # ---------------------------------------------------------------- the server process
