@@ -295,3 +295,29 @@ async def test_the_sweep_archives_logs_the_job_end_path_missed(context: ServerCo
     assert left is None  # (an empty row may stay as the dedupe watermark)
     stored = await context.storage.get(job_logs.archive_key(job_id))
     assert (await stored.read_all()).count(b'"line"') == 3
+
+
+async def test_the_sweep_refreshes_host_reliability_when_asked(context: ServerContext) -> None:
+    from peergpu.server.db.host_models import HostSessionModel
+
+    owner = await _user(context)
+    host_id = await _host(context, owner, price=1, gpus=[("T4", 16000)], reliability=0.0)
+    now = utcnow()
+    async with context.sessionmaker() as session:
+        session.add(
+            HostSessionModel(
+                host_id=host_id,
+                connection_id="c",
+                started_at=now - timedelta(days=3),
+                ended_at=now,
+            )
+        )
+        await session.commit()
+    await job_maintenance.run_once(context)
+    async with context.sessionmaker() as session:
+        untouched = await session.get(HostModel, host_id)
+    assert untouched is not None and untouched.reliability == 0.0
+    await job_maintenance.run_once(context, refresh_reliability=True)
+    async with context.sessionmaker() as session:
+        host = await session.get(HostModel, host_id)
+    assert host is not None and host.reliability == pytest.approx(0.1, abs=1e-3)

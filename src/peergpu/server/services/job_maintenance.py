@@ -13,7 +13,6 @@ Every change is a conditional transition, so replicas sweeping at the same time 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from datetime import timedelta
 
@@ -35,11 +34,11 @@ RELIABILITY_REFRESH_SECONDS = 300.0
 ARCHIVE_RETRY_AFTER_SECONDS = 60.0
 _ARCHIVE_BATCH = 20
 _BATCH = 500
-_last_reliability_refresh: dict[int, float] = {}
 
 
-async def run_once(context: ServerContext) -> int:
-    """One sweep; returns how many jobs changed state."""
+async def run_once(context: ServerContext, *, refresh_reliability: bool = False) -> int:
+    """One sweep; returns how many jobs changed state. With ``refresh_reliability`` it also
+    recomputes every host's cached 30-day uptime (the caller does that every few minutes)."""
     changed: list[tuple[uuid.UUID, JobState, uuid.UUID | None]] = []
     async with context.sessionmaker() as session:
         changed += await _unacknowledged(context, session)
@@ -47,7 +46,8 @@ async def run_once(context: ServerContext) -> int:
         changed += await _expired(session)
         freed = await _stale_gpu_claims(context, session)
         await session.commit()
-        await _refresh_reliability(context, session)
+        if refresh_reliability:
+            await _refresh_reliability(session)
     await _archive_leftover_logs(context)
     for job_id, state, host_id in changed:
         if host_id is not None:
@@ -197,14 +197,8 @@ async def _archive_leftover_logs(context: ServerContext) -> None:
             logger.exception("job %s: archiving logs failed again", job_id)
 
 
-async def _refresh_reliability(context: ServerContext, session: AsyncSession) -> None:
-    """Every few minutes, in one read and one batched write for all hosts."""
-    key = id(context)
-    now_mono = time.monotonic()
-    last = _last_reliability_refresh.get(key)
-    if last is not None and now_mono - last < RELIABILITY_REFRESH_SECONDS:
-        return
-    _last_reliability_refresh[key] = now_mono
+async def _refresh_reliability(session: AsyncSession) -> None:
+    """One read and one batched write for all hosts."""
     online = await host_service.uptimes(session=session)
     host_ids = list(
         await session.scalars(select(HostModel.id).where(HostModel.revoked_at.is_(None)))

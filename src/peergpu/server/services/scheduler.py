@@ -157,14 +157,18 @@ async def run_scheduler(context: ServerContext) -> None:
     """The scheduler loop of one replica; runs until cancelled. On SQLite only one process
     should run it (the embedded server is one process)."""
     settings = context.settings
-    next_maintenance = 0.0
+    next_maintenance = next_reliability = 0.0
     while True:
         try:
             async with context.bus.subscribe(SCHEDULER_WAKE_CHANNEL) as wakeups:
                 while True:
-                    if time.monotonic() >= next_maintenance:
-                        await job_maintenance.run_once(context)
-                        next_maintenance = time.monotonic() + settings.scheduler_sweep_seconds
+                    now = time.monotonic()
+                    if now >= next_maintenance:
+                        refresh = now >= next_reliability
+                        await job_maintenance.run_once(context, refresh_reliability=refresh)
+                        next_maintenance = now + settings.scheduler_sweep_seconds
+                        if refresh:
+                            next_reliability = now + job_maintenance.RELIABILITY_REFRESH_SECONDS
                     result = await schedule_once(context)
                     if result.assigned and result.considered >= settings.scheduler_batch_size:
                         continue  # a full batch: there is probably more to do right away
