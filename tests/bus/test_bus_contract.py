@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
+import redis
 
 from peergpu.config import ServerSettings
 from peergpu.errors import ServiceUnavailable
@@ -139,6 +140,45 @@ async def test_binary_payloads_round_trip_through_pubsub(bus: Bus) -> None:
 
 async def test_publish_without_subscribers_is_accepted(bus: Bus) -> None:
     await bus.publish("nobody-listens", b"hello")
+
+
+async def test_publish_many_delivers_what_separate_publishes_deliver(bus: Bus) -> None:
+    batch = [
+        (channel, f"{channel}{number}".encode())
+        for number in range(20)
+        for channel in ("a", "b", "c", "unwatched")
+    ]
+    async with bus.subscribe("a", "b", "c") as all_three, bus.subscribe("b") as only_b:
+        for channel, data in batch:
+            await bus.publish(channel, data)
+        separately, separately_b = await receive(all_three, 60), await receive(only_b, 20)
+        await bus.publish_many(batch)
+        batched, batched_b = await receive(all_three, 60), await receive(only_b, 20)
+        assert await all_three.get(timeout=QUIET_PERIOD) is None
+        assert await only_b.get(timeout=QUIET_PERIOD) is None
+    for channel in ("a", "b", "c"):
+        expected = [f"{channel}{n}".encode() for n in range(20)]
+        assert [m.data for m in batched if m.channel == channel] == expected
+        assert [m.data for m in separately if m.channel == channel] == expected
+    assert (
+        batched_b
+        == separately_b
+        == [Message(channel="b", data=f"b{n}".encode()) for n in range(20)]
+    )
+
+
+async def test_publish_many_keeps_binary_payloads_and_duplicates(bus: Bus) -> None:
+    async with bus.subscribe("bin") as subscription:
+        await bus.publish_many([("bin", BINARY), ("bin", b""), ("bin", BINARY)])
+        assert [m.data for m in await receive(subscription, 3)] == [BINARY, b"", BINARY]
+
+
+async def test_publish_many_of_nothing_delivers_nothing(bus: Bus) -> None:
+    async with bus.subscribe("idle") as subscription:
+        await bus.publish_many([])
+        await bus.publish("idle", b"after")
+        assert await receive(subscription, 1) == [Message(channel="idle", data=b"after")]
+        assert await subscription.get(timeout=QUIET_PERIOD) is None
 
 
 async def test_subscribe_needs_a_channel(bus: Bus) -> None:
@@ -279,6 +319,85 @@ async def test_append_rejects_maxlen_below_one(bus: Bus) -> None:
         await bus.append("log", b"x", maxlen=0)
 
 
+async def test_append_many_returns_ids_in_order_and_read_returns_the_entries(bus: Bus) -> None:
+    first = await bus.append("left", b"before")
+    batch = [(stream, f"{stream} {n}".encode()) for n in range(25) for stream in ("left", "right")]
+    ids = await bus.append_many(batch)
+    last = await bus.append("left", b"after")
+    assert len(ids) == len(batch)
+    assert all(entry_id.count("-") == 1 for entry_id in ids)
+    left_ids, right_ids = ids[0::2], ids[1::2]
+    for stream_ids in ([first, *left_ids, last], right_ids):
+        keys = [parse_stream_id(entry_id) for entry_id in stream_ids]
+        assert all(earlier < later for earlier, later in zip(keys, keys[1:], strict=False))
+    left = await bus.read("left")
+    assert [(e.id, e.data) for e in left] == [
+        (first, b"before"),
+        *((entry_id, f"left {n}".encode()) for n, entry_id in enumerate(left_ids)),
+        (last, b"after"),
+    ]
+    right = await bus.read("right")
+    assert [(e.id, e.data) for e in right] == [
+        (entry_id, f"right {n}".encode()) for n, entry_id in enumerate(right_ids)
+    ]
+
+
+async def test_append_many_keeps_binary_payloads(bus: Bus) -> None:
+    ids = await bus.append_many([("bin", BINARY), ("bin", b""), ("bin", BINARY)])
+    assert [(e.id, e.data) for e in await bus.read("bin")] == list(
+        zip(ids, [BINARY, b"", BINARY], strict=True)
+    )
+
+
+async def test_append_many_of_nothing_appends_nothing(bus: Bus) -> None:
+    assert await bus.append_many([]) == []
+    assert await bus.append_many([], maxlen=3) == []
+    await bus.append("log", b"only")
+    assert [e.data for e in await bus.read("log")] == [b"only"]
+
+
+async def test_append_many_maxlen_trims_each_stream_exactly(bus: Bus) -> None:
+    await bus.append_many([("capped", b"old 0"), ("capped", b"old 1"), ("short", b"old")])
+    await bus.append_many([("untouched", str(n).encode()) for n in range(8)])
+    batch = [("capped", f"new {n}".encode()) for n in range(12)]
+    batch[3:3] = [("short", b"new")]
+    ids = await bus.append_many(batch, maxlen=5)
+    capped_ids = [
+        entry_id for entry_id, (stream, _) in zip(ids, batch, strict=True) if stream == "capped"
+    ]
+    assert await bus.stream_length("capped") == 5
+    capped = await bus.read("capped")
+    assert [(e.id, e.data) for e in capped] == [
+        (entry_id, f"new {n}".encode()) for n, entry_id in enumerate(capped_ids) if n >= 7
+    ]
+    assert [e.data for e in await bus.read("short")] == [b"old", b"new"]
+    assert await bus.stream_length("untouched") == 8
+    later = await bus.append("capped", b"later", maxlen=5)
+    assert parse_stream_id(later) > parse_stream_id(capped_ids[-1])
+
+
+@pytest.mark.parametrize("maxlen", [0, -1])
+@pytest.mark.parametrize("entries", [[], [("log", b"x"), ("other", b"y")]])
+async def test_append_many_rejects_maxlen_below_one_before_appending(
+    bus: Bus, maxlen: int, entries: list[tuple[str, bytes]]
+) -> None:
+    with pytest.raises(ValueError):
+        await bus.append_many(entries, maxlen=maxlen)
+    assert await bus.stream_length("log") == 0
+    assert await bus.stream_length("other") == 0
+
+
+async def test_blocking_read_wakes_when_append_many_appends(bus: Bus) -> None:
+    reader = asyncio.create_task(bus.read("fresh", block=ARRIVES_WITHIN))
+    await asyncio.sleep(0.05)
+    assert not reader.done(), "a blocking read on an empty stream returned early"
+    ids = await bus.append_many([("fresh", b"1"), ("elsewhere", b"x"), ("fresh", b"2")])
+    entries = await asyncio.wait_for(reader, ARRIVES_WITHIN)
+    # The reader may be served after the first XADD or after both: a prefix, oldest first.
+    expected = [(ids[0], b"1"), (ids[2], b"2")]
+    assert entries and [(e.id, e.data) for e in entries] == expected[: len(entries)]
+
+
 async def test_ping(bus: Bus) -> None:
     await bus.ping()
 
@@ -296,11 +415,17 @@ async def test_redis_prefixes_isolate_deployments(
             await ours.publish("shared", b"ours")
             assert (await receive(subscription, 1))[0].data == b"ours"
             assert await subscription.get(timeout=QUIET_PERIOD) is None
+        async with ours.subscribe("shared") as subscription:
+            await theirs.publish_many([("shared", b"theirs")])
+            await ours.publish_many([("shared", b"ours")])
+            assert (await receive(subscription, 1))[0].data == b"ours"
+            assert await subscription.get(timeout=QUIET_PERIOD) is None
         await theirs.append("stream", b"theirs")
+        await theirs.append_many([("stream", b"theirs too")])
         assert await ours.stream_length("stream") == 0
         assert await ours.read("stream") == []
         await ours.delete_stream("stream")
-        assert await theirs.stream_length("stream") == 1
+        assert await theirs.stream_length("stream") == 2
     finally:
         await ours.close()
         await theirs.close()
@@ -312,7 +437,10 @@ async def test_unreachable_redis_raises_service_unavailable() -> None:
         operations: list[Callable[[], Awaitable[object]]] = [
             bus.ping,
             lambda: bus.publish("channel", b"x"),
+            lambda: bus.publish_many([("channel", b"x"), ("other", b"y")]),
             lambda: bus.append("stream", b"x"),
+            lambda: bus.append_many([("stream", b"x"), ("other", b"y")]),
+            lambda: bus.append_many([("stream", b"x")], maxlen=5),
             lambda: bus.read("stream"),
             lambda: bus.read("stream", block=0.1),
             lambda: bus.stream_length("stream"),
@@ -326,6 +454,44 @@ async def test_unreachable_redis_raises_service_unavailable() -> None:
         with pytest.raises(ServiceUnavailable):
             async with bus.subscribe("channel"):
                 pytest.fail("subscribed to an unreachable Redis")
+    finally:
+        await bus.close()
+
+
+async def test_unreachable_redis_names_the_batch_operation() -> None:
+    bus = RedisBus(UNREACHABLE_REDIS_URL, prefix="peergpu-test-unreachable:")
+    try:
+        with pytest.raises(ServiceUnavailable) as caught:
+            await bus.publish_many([("channel", b"x")])
+        assert caught.value.details["operation"] == "publish_many"
+        with pytest.raises(ServiceUnavailable) as caught:
+            await bus.append_many([("stream", b"x")])
+        assert caught.value.details["operation"] == "append_many"
+        # Empty batches never reach Redis, so they succeed even though it is unreachable.
+        await bus.publish_many([])
+        assert await bus.append_many([]) == []
+    finally:
+        await bus.close()
+
+
+async def test_redis_append_many_sends_the_whole_batch_and_reports_a_rejected_entry(
+    redis_url: str, redis_prefix: Callable[[], str]
+) -> None:
+    """One pipeline: Redis runs every XADD even when one of them fails, and the failure surfaces
+    as ``ServiceUnavailable("Redis command failed")`` like any other rejected command."""
+    prefix = redis_prefix()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(f"{prefix}not-a-stream", b"plain string")
+    finally:
+        client.close()
+    bus = RedisBus(redis_url, prefix=prefix)
+    try:
+        with pytest.raises(ServiceUnavailable) as caught:
+            await bus.append_many([("log", b"1"), ("not-a-stream", b"x"), ("log", b"2")])
+        assert caught.value.message == "Redis command failed"
+        assert caught.value.details["operation"] == "append_many"
+        assert [e.data for e in await bus.read("log")] == [b"1", b"2"]
     finally:
         await bus.close()
 

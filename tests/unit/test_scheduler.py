@@ -4,6 +4,7 @@ atomic GPU claims, ack deadlines, lost hosts, expiry."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -321,3 +322,87 @@ async def test_the_sweep_refreshes_host_reliability_when_asked(context: ServerCo
     async with context.sessionmaker() as session:
         host = await session.get(HostModel, host_id)
     assert host is not None and host.reliability == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_bounded_queue_read_matches_ranking_the_whole_queue(
+    context: ServerContext, seed: int
+) -> None:
+    """The scheduler reads only each renter's first jobs; the batch must be exactly what
+    ranking every queued job (priority, then turn within the renter, then age) would give."""
+    rng = random.Random(seed)
+    renters = [await _user(context) for _ in range(5)]
+    start = utcnow() - timedelta(hours=1)
+    rows = []
+    for n in range(120):
+        owner = rng.choice(renters[: rng.randint(1, 5)])  # lopsided: early renters submit more
+        rows.append(
+            {
+                "owner_id": owner,
+                "priority": rng.choice([0, 0, 0, 1, 5]),
+                "created_at": start + timedelta(seconds=rng.randint(0, 600), microseconds=n),
+                "state": rng.choice(["queued"] * 4 + ["running"]),
+            }
+        )
+    for row in rows:
+        await _job(context, row.pop("owner_id"), **row)
+    async with context.sessionmaker() as session:
+        queued = list(
+            await session.execute(
+                select(JobModel.id, JobModel.owner_id, JobModel.priority, JobModel.created_at)
+                .where(JobModel.state == "queued")
+                .order_by(JobModel.created_at, JobModel.id)
+            )
+        )
+    turns: dict[tuple[uuid.UUID, int], int] = {}
+    keyed = []
+    for job_id, owner, priority, created in queued:
+        turns[(owner, priority)] = turn = turns.get((owner, priority), 0) + 1
+        keyed.append(((-priority, turn, created, job_id), job_id))
+    expected = [job_id for _key, job_id in sorted(keyed)]
+    for size in (1, 7, 30, 500):
+        async with context.sessionmaker() as session:
+            batch = [job.id for job in await scheduler._take_batch(session, size)]
+            await session.rollback()
+        assert batch == expected[:size]
+
+
+async def test_a_job_cancelled_between_the_read_and_the_write_is_not_assigned(
+    context: ServerContext,
+) -> None:
+    """SQLite has no row locks: a cancel can land between the pass's read and its UPDATE.
+    The pass must notice (the nonce did not land), give the GPU back and assign the rest."""
+    owner = await _user(context)
+    host = await _host(context, owner, price=1, gpus=[("T4", 16000)] * 2)
+    kept, cancelled = await _job(context, owner), await _job(context, owner)
+    async with context.sessionmaker() as session:
+        hosts = await scheduler._free_capacity(session)
+        jobs = list(
+            await session.scalars(select(JobModel).where(JobModel.id.in_([kept, cancelled])))
+        )
+        await session.commit()  # no lock held, as on SQLite
+        async with context.sessionmaker() as other:
+            await other.execute(
+                update(JobModel).where(JobModel.id == cancelled).values(state="cancelled")
+            )
+            await other.commit()
+        free = hosts[host].free
+        matches = [scheduler._Match(job, hosts[host], [free[i]]) for i, job in enumerate(jobs)]
+        claimed = await scheduler._claim(session, matches)
+        assert len(claimed) == 2
+        now = utcnow()
+        assigned = await scheduler._assign(session, claimed, now=now, deadline=now)
+        await session.commit()
+    assert [a.job_id for a in assigned] == [kept]
+    async with context.sessionmaker() as session:
+        holders = set(
+            await session.scalars(select(HostGpuModel.job_id).where(HostGpuModel.host_id == host))
+        )
+        events = list(
+            await session.scalars(
+                select(JobEventModel.job_id).where(JobEventModel.to_state == "assigned")
+            )
+        )
+    assert holders == {kept, None}
+    assert events == [kept]
+    assert (await _get(context, cancelled)).state == "cancelled"

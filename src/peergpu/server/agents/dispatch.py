@@ -58,8 +58,12 @@ async def send_manifest(
 ) -> None:
     """Publish after the caller's commit. Fire-and-forget: the host's ``manifest_ack`` (on the
     job's event stream) confirms delivery; callers own the ack deadline."""
-    message = ManifestDelivery(manifest=manifest)
-    await context.bus.publish(host_channel(host_id), message.model_dump_json().encode())
+    await context.bus.publish(host_channel(host_id), manifest_delivery(manifest))
+
+
+def manifest_delivery(manifest: SignedManifest) -> bytes:
+    """The ``manifest`` frame for a host's channel, as the agent receives it."""
+    return ManifestDelivery(manifest=manifest).model_dump_json().encode()
 
 
 async def send_cancel(

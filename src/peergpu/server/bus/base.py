@@ -9,6 +9,9 @@ Two kinds of traffic go over the bus:
   track of the last id they have seen and ask for what came after it, so a reader that falls
   behind or reconnects loses nothing that has not been trimmed away.
 
+The ``*_many`` variants take a batch that ``RedisBus`` sends in one round trip; they behave
+exactly like the single calls made one after another, in list order.
+
 Every implementation (``InProcessBus``, ``RedisBus``) is held to the same contract by
 ``tests/bus/test_bus_contract.py``.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -84,6 +87,20 @@ class Bus(ABC):
         is subscribed, and nothing is kept for later subscribers.
         """
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish every ``(channel, data)`` pair as ``publish`` would, in list order.
+
+        Subscriptions receive exactly what the same ``publish`` calls made one after another
+        would deliver, so on each channel messages arrive in list order. An empty list does
+        nothing (and does not touch the backend). Not atomic: when it raises, some of the
+        messages may have been delivered already.
+
+        This default calls ``publish`` once per message; implementations with a network round
+        trip per call override it to send the whole batch at once.
+        """
+        for channel, data in messages:
+            await self.publish(channel, data)
+
     @abstractmethod
     def subscribe(self, *channels: str) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe to one or more channels for the duration of an ``async with`` block.
@@ -100,6 +117,23 @@ class Bus(ABC):
         With ``maxlen`` the stream is trimmed to exactly its newest ``maxlen`` entries (not
         approximately). Ids keep increasing even after trimming; deleting the stream resets it.
         """
+
+    async def append_many(
+        self, entries: Sequence[tuple[str, bytes]], *, maxlen: int | None = None
+    ) -> list[str]:
+        """Append every ``(stream, data)`` pair in list order; return their ids in that order.
+
+        Each entry is appended as ``append(stream, data, maxlen=maxlen)`` would be, so ids
+        increase per stream in list order and, with ``maxlen``, every stream in the batch ends
+        up holding exactly its newest ``maxlen`` entries. An empty list returns ``[]`` (and does
+        not touch the backend). Raises ``ValueError`` for ``maxlen < 1`` before appending
+        anything. Not atomic: when it raises, some of the entries may have been appended.
+
+        This default calls ``append`` once per entry; implementations with a network round
+        trip per call override it to send the whole batch at once.
+        """
+        check_maxlen(maxlen)
+        return [await self.append(stream, data, maxlen=maxlen) for stream, data in entries]
 
     @abstractmethod
     async def read(

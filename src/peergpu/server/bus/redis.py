@@ -7,10 +7,13 @@
 * Streams use ``XADD`` (``MAXLEN`` exact when asked) and ``XREAD``. A blocking read is split
   into ``XREAD BLOCK`` calls shorter than the socket timeout, so a pooled connection is never
   held longer than that and a dead server is noticed.
+* ``publish_many`` and ``append_many`` send their batch as one non-transactional pipeline
+  (one round trip); a command Redis rejects does not stop the others in the batch.
 * Redis connection errors and timeouts surface as ``ServiceUnavailable("Redis is
   unreachable")``, any other Redis error as ``ServiceUnavailable("Redis command failed")``;
   no ``redis`` exception escapes. Commands are retried a few times on connection errors
-  (``XADD`` included, so an append that fails mid-flight may land twice).
+  (``XADD`` included, so an append that fails mid-flight may land twice; a pipeline is retried
+  as a whole, so part of a batch may land twice).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 
@@ -77,6 +80,15 @@ class RedisBus(Bus):
         with _translate_errors("publish"):
             await self._redis.publish(self._key(channel), data)
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        if not messages:
+            return
+        with _translate_errors("publish_many"):
+            async with self._redis.pipeline(transaction=False) as pipeline:
+                for channel, data in messages:
+                    pipeline.publish(self._key(channel), data)
+                await pipeline.execute()
+
     def subscribe(self, *channels: str) -> AbstractAsyncContextManager[Subscription]:
         return self._subscription(check_channels(channels))
 
@@ -87,6 +99,21 @@ class RedisBus(Bus):
                 self._key(stream), {_DATA_FIELD: data}, maxlen=maxlen, approximate=False
             )
         return _text(entry_id)
+
+    async def append_many(
+        self, entries: Sequence[tuple[str, bytes]], *, maxlen: int | None = None
+    ) -> list[str]:
+        check_maxlen(maxlen)
+        if not entries:
+            return []
+        with _translate_errors("append_many"):
+            async with self._redis.pipeline(transaction=False) as pipeline:
+                for stream, data in entries:
+                    pipeline.xadd(
+                        self._key(stream), {_DATA_FIELD: data}, maxlen=maxlen, approximate=False
+                    )
+                entry_ids = await pipeline.execute()
+        return [_text(entry_id) for entry_id in entry_ids]
 
     async def read(
         self,

@@ -75,6 +75,8 @@ class JobModel(IdMixin, CreatedAtMixin, Base):
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
         Index("ix_jobs_queue", "state", "priority", "created_at"),
+        #: The scheduler's bounded queue read: each renter's queued jobs in order.
+        Index("ix_jobs_fair_queue", "state", "owner_id", "priority", "created_at", "id"),
         Index("ix_jobs_host_state", "host_id", "state"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
     )

@@ -8,12 +8,18 @@ acknowledged), so each handler is idempotent.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from peergpu.errors import ServiceUnavailable
 from peergpu.protocol.messages import (
     ArtifactReport,
     JobStatus,
@@ -23,12 +29,15 @@ from peergpu.protocol.messages import (
     UploadRequest,
     UploadTarget,
 )
+from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, job_channel
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
+from peergpu.server.db.host_models import HostGpuModel
 from peergpu.server.db.job_models import (
     ACTIVE_STATES,
     FINAL_STATES,
     JobArtifactModel,
+    JobEventModel,
     JobLogChunkModel,
     JobModel,
     JobState,
@@ -60,23 +69,129 @@ async def _current_job(
     return job
 
 
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One job report from a host: a manifest answer or a job status."""
+
+    host_id: uuid.UUID
+    message: ManifestAck | JobStatus
+
+
+@dataclass
+class Applied:
+    """What a batch of reports changed, to announce once it is committed (``announce``)."""
+
+    changes: list[tuple[uuid.UUID, JobState]] = field(default_factory=list)
+    """Jobs whose state changed, and their new state, in order."""
+    freed_gpus: bool = False
+    requeued: bool = False
+    archive: list[uuid.UUID] = field(default_factory=list)
+    """Finished jobs with stored log lines to archive."""
+
+
+async def apply_reports(session: AsyncSession, reports: Sequence[Report]) -> Applied:
+    """Apply many hosts' reports in the caller's transaction, in a handful of statements.
+
+    Reports are applied kind by kind in lifecycle order (manifest answers, then ``running``,
+    then final states), so a batch holding several reports about one job ends where applying
+    them one by one would. Only the job's current host is believed; every step is a
+    conditional UPDATE, so a repeated report, or one about a job that moved on, changes nothing.
+    """
+    applied = Applied()
+    events: list[dict[str, Any]] = []
+    now = utcnow()
+    acks: list[tuple[uuid.UUID, ManifestAck]] = []
+    running: list[tuple[uuid.UUID, JobStatus]] = []
+    finals: list[tuple[uuid.UUID, JobStatus]] = []
+    for report in reports:
+        message = report.message
+        if isinstance(message, ManifestAck):
+            if message.job_id is not None:
+                acks.append((report.host_id, message))
+        elif message.state == "running":
+            running.append((report.host_id, message))
+        else:
+            finals.append((report.host_id, message))
+    await _apply_acks(session, acks, now, applied)
+    await _apply_running(session, running, now, applied, events)
+    await _apply_finals(session, finals, now, applied, events)
+    if events:
+        await session.execute(insert(JobEventModel), events)
+    return applied
+
+
+async def announce(context: ServerContext, applied: Applied) -> None:
+    """After the commit: tell followers of every changed job, wake the schedulers if GPUs were
+    freed or a job re-queued (one bus round trip), and archive finished jobs' logs."""
+    messages = [
+        (job_channel(job_id), json.dumps({"kind": "state", "state": state.value}).encode())
+        for job_id, state in applied.changes
+    ]
+    if applied.freed_gpus or applied.requeued:
+        messages.append((SCHEDULER_WAKE_CHANNEL, b"1"))
+    if messages:
+        try:
+            await context.bus.publish_many(messages)
+        except ServiceUnavailable as exc:  # committed already; followers re-read on their own
+            logger.warning("bus unavailable; %d job changes not broadcast: %s", len(messages), exc)
+    for job_id in applied.archive:
+        task = asyncio.get_running_loop().create_task(_archive(context, job_id))
+        _background.add(task)  # keep a reference until it is done
+        task.add_done_callback(_background.discard)
+
+
 async def on_manifest_ack(context: ServerContext, host_id: uuid.UUID, ack: ManifestAck) -> None:
-    if ack.job_id is None:
-        return
+    await _apply_one(context, Report(host_id, ack))
+
+
+async def on_status(context: ServerContext, host_id: uuid.UUID, status: JobStatus) -> None:
+    """``running`` moves an assigned job to running; a final state ends it and frees its GPUs
+    (also when the renter had cancelled it already: the host confirms it stopped)."""
+    await _apply_one(context, Report(host_id, status))
+
+
+async def _apply_one(context: ServerContext, report: Report) -> None:
     async with context.sessionmaker() as session:
+        applied = await apply_reports(session, [report])
+        await session.commit()
+    await announce(context, applied)
+
+
+async def _apply_acks(
+    session: AsyncSession,
+    acks: list[tuple[uuid.UUID, ManifestAck]],
+    now: datetime,
+    applied: Applied,
+) -> None:
+    accepted = [(host_id, ack) for host_id, ack in acks if ack.accepted]
+    with_nonce = [(a.job_id, h, a.nonce) for h, a in accepted if a.nonce is not None]
+    without = [(a.job_id, h) for h, a in accepted if a.nonce is None]
+    assigned = JobModel.state == JobState.assigned.value
+    if with_nonce:
+        await session.execute(
+            update(JobModel)
+            .where(
+                assigned,
+                tuple_(JobModel.id, JobModel.host_id, JobModel.manifest_nonce).in_(with_nonce),
+            )
+            .values(acked_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    if without:
+        await session.execute(
+            update(JobModel)
+            .where(assigned, tuple_(JobModel.id, JobModel.host_id).in_(without))
+            .values(acked_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    for host_id, ack in acks:
+        if ack.accepted or ack.job_id is None:
+            continue
         job = await _current_job(session, host_id, ack.job_id)
         if job is None or job.state != JobState.assigned.value:
-            return
+            continue
         if ack.nonce is not None and ack.nonce != job.manifest_nonce:
-            return  # an answer to an older manifest of this job
-        if ack.accepted:
-            await session.execute(
-                update(JobModel)
-                .where(JobModel.id == job.id, JobModel.state == JobState.assigned.value)
-                .values(acked_at=utcnow())
-            )
-            await session.commit()
-            return
+            continue  # an answer to an older manifest of this job
         state = await job_states.requeue_or_fail(
             session,
             job,
@@ -84,83 +199,161 @@ async def on_manifest_ack(context: ServerContext, host_id: uuid.UUID, ack: Manif
             reason="manifest_refused",
             message=f"Host {host_id} refused the job: {ack.reason} ({ack.message}).",
         )
-        await session.commit()
-    if state is not None:
-        await job_states.notify(context, ack.job_id, state, wake_scheduler=True)
+        if state is not None:
+            applied.changes.append((job.id, state))
+            applied.freed_gpus = applied.requeued = True
 
 
-async def on_status(context: ServerContext, host_id: uuid.UUID, status: JobStatus) -> None:
-    """``running`` moves an assigned job to running; a final state ends it and frees its GPUs
-    (also when the renter had cancelled it already: the host confirms it stopped)."""
-    new_state: JobState | None = None
-    freed = False
-    async with context.sessionmaker() as session:
-        job = await _current_job(session, host_id, status.job_id)
-        if job is None:
-            return
-        current = JobState(job.state)
-        now = utcnow()
-        if status.state == "running":
-            if current is JobState.assigned and await job_states.transition(
-                session,
-                job,
-                expected=JobState.assigned,
-                to=JobState.running,
-                reason="started",
-                message=f"Running on host {host_id}.",
-                values={"started_at": now, "acked_at": job.acked_at or now, "missing_since": None},
-            ):
-                new_state = JobState.running
-            await session.commit()
-        else:
-            final = _FINAL_STATE_BY_AGENT[status.state]
-            outcome = {
-                "exit_code": status.exit_code,
-                "duration_seconds": status.duration_seconds,
-                "peak_memory_bytes": status.peak_memory_bytes,
-                "cpu_seconds": status.cpu_seconds,
-                "last_log_seq": status.last_log_seq,
-            }
-            if current in ACTIVE_STATES:
-                failure = status.failure_reason if final is not JobState.succeeded else None
-                if await job_states.transition(
-                    session,
-                    job,
-                    expected=current,
-                    to=final,
-                    reason=status.failure_reason or status.state,
-                    message=status.message,
-                    values={
-                        **outcome,
-                        "finished_at": now,
-                        "failure_reason": failure,
-                        "message": status.message[:4000],
-                        "missing_since": None,
-                        "started_at": job.started_at or now,
-                    },
-                ):
-                    new_state = final
-            elif current in FINAL_STATES:
+async def _apply_running(
+    session: AsyncSession,
+    reports: list[tuple[uuid.UUID, JobStatus]],
+    now: datetime,
+    applied: Applied,
+    events: list[dict[str, Any]],
+) -> None:
+    if not reports:
+        return
+    pairs = list({(status.job_id, host_id) for host_id, status in reports})
+    started = await session.execute(
+        update(JobModel)
+        .where(
+            JobModel.state == JobState.assigned.value,
+            tuple_(JobModel.id, JobModel.host_id).in_(pairs),
+        )
+        .values(
+            state=JobState.running.value,
+            updated_at=now,
+            started_at=now,
+            acked_at=func.coalesce(JobModel.acked_at, now),
+            missing_since=None,
+        )
+        .returning(JobModel.id, JobModel.host_id)
+        .execution_options(synchronize_session=False)
+    )
+    for job_id, job_host in started:
+        applied.changes.append((job_id, JobState.running))
+        events.append(
+            _event(
+                job_id,
+                job_host,
+                now,
+                JobState.assigned,
+                JobState.running,
+                "started",
+                f"Running on host {job_host}.",
+            )
+        )
+
+
+async def _apply_finals(
+    session: AsyncSession,
+    reports: list[tuple[uuid.UUID, JobStatus]],
+    now: datetime,
+    applied: Applied,
+    events: list[dict[str, Any]],
+) -> None:
+    if not reports:
+        return
+    current = {
+        job_id: (host_id, JobState(state), started_at)
+        for job_id, host_id, state, started_at in await session.execute(
+            select(JobModel.id, JobModel.host_id, JobModel.state, JobModel.started_at).where(
+                JobModel.id.in_({status.job_id for _host, status in reports})
+            )
+        )
+    }
+    ended: list[uuid.UUID] = []
+    for host_id, status in reports:
+        found = current.get(status.job_id)
+        if found is None or found[0] != host_id:
+            continue  # not (or no longer) this host's job
+        _host, state, started_at = found
+        final = _FINAL_STATE_BY_AGENT[status.state]
+        outcome = {
+            "exit_code": status.exit_code,
+            "duration_seconds": status.duration_seconds,
+            "peak_memory_bytes": status.peak_memory_bytes,
+            "cpu_seconds": status.cpu_seconds,
+            "last_log_seq": status.last_log_seq,
+        }
+        if state in ACTIVE_STATES:
+            failure = status.failure_reason if final is not JobState.succeeded else None
+            result = await session.execute(
+                update(JobModel)
+                .where(JobModel.id == status.job_id, JobModel.state == state.value)
+                .values(
+                    **outcome,
+                    state=final.value,
+                    updated_at=now,
+                    finished_at=now,
+                    failure_reason=failure,
+                    message=status.message[:4000],
+                    missing_since=None,
+                    started_at=started_at or now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                current[status.job_id] = (host_id, final, started_at or now)
+                applied.changes.append((status.job_id, final))
+                events.append(
+                    _event(
+                        status.job_id,
+                        host_id,
+                        now,
+                        state,
+                        final,
+                        status.failure_reason or status.state,
+                        status.message,
+                    )
+                )
+        elif state in FINAL_STATES:
+            known = {k: v for k, v in outcome.items() if v is not None}
+            if known:
                 await session.execute(
                     update(JobModel)
-                    .where(JobModel.id == job.id)
-                    .values(**{k: v for k, v in outcome.items() if v is not None})
+                    .where(JobModel.id == status.job_id)
+                    .values(**known)
+                    .execution_options(synchronize_session=False)
                 )
-            freed = await job_states.release_gpus(session, job.id) > 0
-            has_logs = await session.scalar(
-                select(JobLogChunkModel.id)
-                .where(JobLogChunkModel.job_id == job.id, JobLogChunkModel.line_count > 0)
-                .limit(1)
-            )
-            await session.commit()
-            if has_logs is not None:
-                task = asyncio.get_running_loop().create_task(_archive(context, job.id))
-                _background.add(task)  # keep a reference until it is done
-                task.add_done_callback(_background.discard)
-    if new_state is not None:
-        await job_states.notify(context, status.job_id, new_state, wake_scheduler=freed)
-    elif freed:
-        await job_states.wake_schedulers(context)
+        ended.append(status.job_id)
+    if not ended:
+        return
+    released = await session.execute(
+        update(HostGpuModel)
+        .where(HostGpuModel.job_id.in_(ended))
+        .values(job_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    if released.rowcount:  # type: ignore[attr-defined]
+        applied.freed_gpus = True
+    applied.archive.extend(
+        await session.scalars(
+            select(JobLogChunkModel.job_id)
+            .where(JobLogChunkModel.job_id.in_(ended), JobLogChunkModel.line_count > 0)
+            .distinct()
+        )
+    )
+
+
+def _event(
+    job_id: uuid.UUID,
+    host_id: uuid.UUID | None,
+    at: datetime,
+    from_state: JobState,
+    to_state: JobState,
+    reason: str,
+    message: str,
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "at": at,
+        "from_state": from_state.value,
+        "to_state": to_state.value,
+        "reason": reason,
+        "message": message[:4000],
+        "host_id": host_id,
+    }
 
 
 async def on_logs(context: ServerContext, host_id: uuid.UUID, batch: LogBatch) -> int | None:

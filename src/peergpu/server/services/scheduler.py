@@ -1,18 +1,26 @@
 """The scheduler: match queued jobs to free GPUs, claim them atomically, dispatch manifests.
 
-One pass (``schedule_once``) in one transaction:
+One pass (``schedule_once``) in one transaction, a fixed number of statements however many
+jobs it assigns:
 
-1. Take a batch of queued jobs in queue order: priority first, then fair share (each renter's
-   oldest job before anyone's second), then age. On PostgreSQL the rows are locked with
-   ``FOR UPDATE SKIP LOCKED``, so schedulers on other replicas take other jobs.
-2. Read a snapshot of free GPUs on online, unpaused, priced hosts.
+1. Read a snapshot of free GPUs on online, unpaused, priced hosts.
+2. Take a batch of queued jobs in queue order: priority first, then fair share (each renter's
+   oldest job before anyone's second), then age. The read is bounded: only the renters whose
+   oldest job could make the batch, and only their first ``batch`` jobs each, are ranked (the
+   index ``ix_jobs_fair_queue`` serves both), never the whole queue. On PostgreSQL the chosen
+   rows are then locked with ``FOR UPDATE SKIP LOCKED``, so schedulers on other replicas take
+   other jobs.
 3. Match in memory: for each job the cheapest eligible host, then the most reliable, then the
    least loaded, among hosts with enough free GPUs of the right model and VRAM.
-4. Claim the GPUs with one conditional UPDATE per job (``WHERE job_id IS NULL``, on PostgreSQL
-   over rows locked with ``SKIP LOCKED``); a claim that comes up short (another replica got a
-   GPU first) is undone and the job waits for the next pass. Then ``queued -> assigned``.
-5. After the commit, sign one manifest per assignment and publish it on the host's channel;
-   whichever replica holds that host's socket sends it.
+4. Claim every matched GPU with one conditional UPDATE (``WHERE job_id IS NULL``, on
+   PostgreSQL over rows locked with ``SKIP LOCKED``) that returns what it claimed. A job whose
+   claim came up short (another replica got a GPU first) gives back what it got and waits for
+   the next pass.
+5. ``queued -> assigned`` for every claimed job in one executemany UPDATE (conditional on
+   ``queued``: a job cancelled meanwhile is noticed and its GPUs given back), one
+   ``job_events`` INSERT, one commit.
+6. After the commit, sign one manifest per assignment and publish them all, with the state
+   changes, in one round trip; whichever replica holds a host's socket sends its manifest.
 
 The loop (``run_scheduler``) runs a pass whenever something wakes it (a submit, a freed GPU, a
 host joining: ``scheduler:wake`` on the bus) and otherwise every ``scheduler_sweep_seconds``.
@@ -21,31 +29,43 @@ host joining: ``scheduler:wake`` on the bus) and otherwise every ``scheduler_swe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import Select, bindparam, case, func, insert, literal, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import ServiceUnavailable
 from peergpu.protocol.manifest import ManifestLimits
 from peergpu.server.agents import dispatch
-from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL
+from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, job_channel
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel, HostStatus
-from peergpu.server.db.job_models import JobModel, JobState
-from peergpu.server.services import job_maintenance, job_states
+from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
+from peergpu.server.services import job_maintenance
 from peergpu.server.services.bundles import bundle_key
 
 logger = logging.getLogger(__name__)
 
 #: How long a bundle download URL in a manifest stays valid.
 BUNDLE_URL_SECONDS = 3600
+#: GPUs per claim statement: keeps each statement's bind parameters well under PostgreSQL's
+#: limit of 32,767 (three per GPU).
+CLAIM_CHUNK = 2000
+
+_QUEUED = JobState.queued.value
+_ASSIGNED = JobState.assigned.value
+
+#: A free GPU: (row id, index, model lower-cased, memory MiB).
+Gpu = tuple[uuid.UUID, int, str, int]
 
 
 @dataclass
@@ -56,8 +76,8 @@ class _Host:
     tags: frozenset[str]
     runners: frozenset[str]
     busy: int
-    free: list[tuple[uuid.UUID, int, str, int]] = field(default_factory=list)
-    """Free GPUs as (row id, index, model lower-cased, memory MiB), by index."""
+    free: list[Gpu] = field(default_factory=list)
+    """Free GPUs, by index."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,13 @@ class PassResult:
     considered: int
 
 
+@dataclass
+class _Match:
+    job: JobModel
+    host: _Host
+    gpus: list[Gpu]
+
+
 async def schedule_once(context: ServerContext) -> PassResult:
     """One scheduling pass; dispatches what it assigned. See the module docstring."""
     async with context.sessionmaker() as session:
@@ -93,63 +120,25 @@ async def schedule_once(context: ServerContext) -> PassResult:
             await session.rollback()
             return PassResult(assigned=[], considered=0)
         ranked = sorted(hosts.values(), key=lambda h: (h.price, -h.reliability, h.busy))
-        assigned: list[Assignment] = []
-        deadline = utcnow() + timedelta(seconds=context.settings.manifest_ack_timeout_seconds)
+        matches: list[_Match] = []
         for job in jobs:
             choice = _match(job, ranked)
             if choice is None:
                 continue
             host, gpus = choice
-            if not await _claim(session, job.id, [g[0] for g in gpus]):
-                # Another replica took one of these GPUs; drop them from our snapshot.
-                host.free = [g for g in host.free if g not in gpus]
-                continue
-            host.free = [g for g in host.free if g not in gpus]
+            taken = set(gpus)
+            host.free = [g for g in host.free if g not in taken]
             host.busy += len(gpus)
-            nonce = secrets.token_hex(16)
-            indices = sorted(g[1] for g in gpus)
-            changed = await job_states.transition(
-                session,
-                job,
-                expected=JobState.queued,
-                to=JobState.assigned,
-                reason="scheduled",
-                message=f"Assigned to host {host.id} (GPUs {indices}).",
-                values={
-                    "host_id": host.id,
-                    "gpu_indices": indices,
-                    "price_per_gpu_hour_micros": host.price,
-                    "attempt": job.attempt + 1,
-                    "manifest_nonce": nonce,
-                    "assigned_at": utcnow(),
-                    "ack_deadline": deadline,
-                    "acked_at": None,
-                    "missing_since": None,
-                },
-            )
-            if not changed:  # cancelled meanwhile (SQLite has no row locks)
-                await job_states.release_gpus(session, job.id)
-                continue
-            assigned.append(
-                Assignment(
-                    job_id=job.id,
-                    host_id=host.id,
-                    gpu_indices=indices,
-                    price_per_gpu_hour_micros=host.price,
-                    nonce=nonce,
-                    command=list(job.command),
-                    env=dict(job.env),
-                    image=job.image,
-                    bundle_sha256=job.bundle_sha256,
-                    network=job.network,
-                    max_duration_seconds=job.max_duration_seconds,
-                    submitted_at=job.created_at.timestamp(),
-                )
-            )
+            matches.append(_Match(job, host, gpus))
+        if not matches:
+            await session.rollback()
+            return PassResult(assigned=[], considered=len(jobs))
+        matches = await _claim(session, matches)
+        now = utcnow()
+        deadline = now + timedelta(seconds=context.settings.manifest_ack_timeout_seconds)
+        assigned = await _assign(session, matches, now=now, deadline=deadline)
         await session.commit()
-    for assignment in assigned:
-        await _dispatch(context, assignment)
-        await job_states.notify(context, assignment.job_id, JobState.assigned)
+    await _dispatch(context, assigned)
     return PassResult(assigned=assigned, considered=len(jobs))
 
 
@@ -227,37 +216,63 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
     return {host_id: host for host_id, host in hosts.items() if host.free}
 
 
+def queue_heads_statement(size: int) -> Select[uuid.UUID, int]:
+    """The (renter, priority) queues whose oldest job could be among the next ``size`` jobs:
+    every job in the batch ranks after its own queue's head, so at most ``size`` heads matter."""
+    return (
+        select(JobModel.owner_id, JobModel.priority)
+        .where(JobModel.state == _QUEUED)
+        .group_by(JobModel.owner_id, JobModel.priority)
+        .order_by(JobModel.priority.desc(), func.min(JobModel.created_at))
+        .limit(size)
+    )
+
+
+def queue_order_statement(heads: Sequence[tuple[uuid.UUID, int]], size: int) -> Select[Any]:
+    """The next ``size`` queued job ids in queue order, read from the first ``size`` jobs of
+    each queue in ``heads`` only (one index range each) and ranked by fair share."""
+    firsts = [
+        select(JobModel.id, JobModel.owner_id, JobModel.priority, JobModel.created_at)
+        .where(JobModel.state == _QUEUED, JobModel.owner_id == owner, JobModel.priority == priority)
+        .order_by(JobModel.created_at, JobModel.id)
+        .limit(size)
+        .subquery()
+        .select()
+        for owner, priority in heads
+    ]
+    candidates = (firsts[0] if len(firsts) == 1 else union_all(*firsts)).subquery("candidates")
+    turn = func.row_number().over(
+        partition_by=(candidates.c.owner_id, candidates.c.priority),
+        order_by=(candidates.c.created_at, candidates.c.id),
+    )
+    ranked = select(
+        candidates.c.id, candidates.c.priority, candidates.c.created_at, turn.label("turn")
+    ).subquery("ranked")
+    return (
+        select(ranked.c.id)
+        .order_by(ranked.c.priority.desc(), ranked.c.turn, ranked.c.created_at, ranked.c.id)
+        .limit(size)
+    )
+
+
 async def _take_batch(session: AsyncSession, size: int) -> list[JobModel]:
     """Queued jobs in queue order (priority, fair share, age), locked on PostgreSQL."""
-    turn = (
-        func.row_number()
-        .over(
-            partition_by=(JobModel.owner_id, JobModel.priority),
-            order_by=(JobModel.created_at, JobModel.id),
-        )
-        .label("turn")
-    )
-    ranked = (
-        select(JobModel.id, JobModel.priority, JobModel.created_at, turn)
-        .where(JobModel.state == JobState.queued.value)
-        .subquery()
-    )
-    order = (ranked.c.priority.desc(), ranked.c.turn, ranked.c.created_at, ranked.c.id)
-    ids = list(await session.scalars(select(ranked.c.id).order_by(*order).limit(size)))
-    if not ids:
+    heads = [
+        (owner, priority) for owner, priority in await session.execute(queue_heads_statement(size))
+    ]
+    if not heads:
         return []
+    ids = list(await session.scalars(queue_order_statement(heads, size)))
     rows = await session.scalars(
         select(JobModel)
-        .where(JobModel.id.in_(ids), JobModel.state == JobState.queued.value)
+        .where(JobModel.id.in_(ids), JobModel.state == _QUEUED)
         .with_for_update(skip_locked=True)
     )
     by_id = {job.id: job for job in rows}
     return [by_id[i] for i in ids if i in by_id]
 
 
-def _match(
-    job: JobModel, ranked: list[_Host]
-) -> tuple[_Host, list[tuple[uuid.UUID, int, str, int]]] | None:
+def _match(job: JobModel, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None:
     runner = "docker" if job.image else "process"
     wanted_models = [m.lower() for m in job.gpu_models or ()]
     required_tags = frozenset(job.tags or ())
@@ -281,26 +296,161 @@ def _match(
     return None
 
 
-async def _claim(session: AsyncSession, job_id: uuid.UUID, gpu_ids: list[uuid.UUID]) -> bool:
+def claim_statement(claims: dict[uuid.UUID, uuid.UUID]) -> Any:
+    """``UPDATE host_gpus SET job_id = <its job>`` for every free GPU in ``claims`` (GPU row id
+    -> job id) that is still free and, on PostgreSQL, not locked by another replica's pass;
+    returns ``(gpu id, job id)`` of what it claimed."""
+    job_type = HostGpuModel.job_id.type
     lockable = (
         select(HostGpuModel.id)
-        .where(HostGpuModel.id.in_(gpu_ids), HostGpuModel.job_id.is_(None))
+        .where(HostGpuModel.id.in_(list(claims)), HostGpuModel.job_id.is_(None))
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    result = await session.execute(
+    return (
         update(HostGpuModel)
-        .where(and_(HostGpuModel.id.in_(lockable), HostGpuModel.job_id.is_(None)))
-        .values(job_id=job_id)
+        .where(HostGpuModel.id.in_(lockable), HostGpuModel.job_id.is_(None))
+        .values(
+            job_id=case({g: literal(j, job_type) for g, j in claims.items()}, value=HostGpuModel.id)
+        )
+        .returning(HostGpuModel.id, HostGpuModel.job_id)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount == len(gpu_ids):  # type: ignore[attr-defined]
-        return True
-    await job_states.release_gpus(session, job_id)
-    return False
 
 
-async def _dispatch(context: ServerContext, assignment: Assignment) -> None:
+async def _claim(session: AsyncSession, matches: list[_Match]) -> list[_Match]:
+    """Claim the matched GPUs; returns the matches whose every GPU was claimed. What a short
+    match did get is given back (within this transaction)."""
+    wanted = {gpu[0]: match.job.id for match in matches for gpu in match.gpus}
+    items = list(wanted.items())
+    claimed: set[uuid.UUID] = set()
+    for start in range(0, len(items), CLAIM_CHUNK):
+        chunk = dict(items[start : start + CLAIM_CHUNK])
+        claimed.update(gpu_id for gpu_id, _job in await session.execute(claim_statement(chunk)))
+    whole = [m for m in matches if all(g[0] in claimed for g in m.gpus)]
+    if len(whole) < len(matches):
+        short = [m.job.id for m in matches if not all(g[0] in claimed for g in m.gpus)]
+        await _release(session, short)
+    return whole
+
+
+async def _assign(
+    session: AsyncSession, matches: list[_Match], *, now: datetime, deadline: datetime
+) -> list[Assignment]:
+    """``queued -> assigned`` for every match: one executemany UPDATE, one events INSERT."""
+    if not matches:
+        return []
+    rows: list[dict[str, Any]] = []
+    for match in matches:
+        rows.append(
+            {
+                "b_id": match.job.id,
+                "b_host_id": match.host.id,
+                "b_gpu_indices": sorted(g[1] for g in match.gpus),
+                "b_price": match.host.price,
+                "b_attempt": match.job.attempt + 1,
+                "b_nonce": secrets.token_hex(16),
+            }
+        )
+    # Core executemany (the ORM would read a list of rows as an update by primary key).
+    connection = await session.connection()
+    result = await connection.execute(
+        update(JobModel)
+        .where(JobModel.id == bindparam("b_id"), JobModel.state == _QUEUED)
+        .values(
+            state=_ASSIGNED,
+            updated_at=now,
+            host_id=bindparam("b_host_id"),
+            gpu_indices=bindparam("b_gpu_indices", type_=JobModel.gpu_indices.type),
+            price_per_gpu_hour_micros=bindparam("b_price"),
+            attempt=bindparam("b_attempt"),
+            manifest_nonce=bindparam("b_nonce"),
+            assigned_at=now,
+            ack_deadline=deadline,
+            acked_at=None,
+            missing_since=None,
+        ),
+        rows,
+    )
+    if result.rowcount != len(rows):
+        # Unknown (asyncpg reports no executemany count) or short: a job was cancelled between
+        # the read and the write (SQLite has no row locks). Believe only the nonces that landed.
+        landed = set(
+            await session.scalars(
+                select(JobModel.id).where(
+                    JobModel.id.in_([r["b_id"] for r in rows]),
+                    JobModel.manifest_nonce.in_([r["b_nonce"] for r in rows]),
+                    JobModel.state == _ASSIGNED,
+                )
+            )
+        )
+        if len(landed) < len(rows):
+            await _release(session, [r["b_id"] for r in rows if r["b_id"] not in landed])
+            keep = [i for i, r in enumerate(rows) if r["b_id"] in landed]
+            rows = [rows[i] for i in keep]
+            matches = [matches[i] for i in keep]
+    if not rows:
+        return []
+    await session.execute(
+        insert(JobEventModel),
+        [
+            {
+                "job_id": row["b_id"],
+                "at": now,
+                "from_state": _QUEUED,
+                "to_state": _ASSIGNED,
+                "reason": "scheduled",
+                "message": f"Assigned to host {row['b_host_id']} (GPUs {row['b_gpu_indices']}).",
+                "host_id": row["b_host_id"],
+            }
+            for row in rows
+        ],
+    )
+    return [
+        Assignment(
+            job_id=match.job.id,
+            host_id=match.host.id,
+            gpu_indices=row["b_gpu_indices"],
+            price_per_gpu_hour_micros=match.host.price,
+            nonce=row["b_nonce"],
+            command=list(match.job.command),
+            env=dict(match.job.env),
+            image=match.job.image,
+            bundle_sha256=match.job.bundle_sha256,
+            network=match.job.network,
+            max_duration_seconds=match.job.max_duration_seconds,
+            submitted_at=match.job.created_at.timestamp(),
+        )
+        for match, row in zip(matches, rows, strict=True)
+    ]
+
+
+async def _release(session: AsyncSession, job_ids: list[uuid.UUID]) -> None:
+    await session.execute(
+        update(HostGpuModel)
+        .where(HostGpuModel.job_id.in_(job_ids))
+        .values(job_id=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def _dispatch(context: ServerContext, assigned: list[Assignment]) -> None:
+    """Sign every manifest, then publish them and the jobs' state changes in one round trip.
+    A publish that fails is not retried here: the ack deadline puts the jobs back in the queue."""
+    if not assigned:
+        return
+    state = json.dumps({"kind": "state", "state": _ASSIGNED}).encode()
+    messages: list[tuple[str, bytes]] = []
+    for assignment in assigned:
+        messages.append((host_channel(assignment.host_id), _delivery(context, assignment)))
+    messages.extend((job_channel(a.job_id), state) for a in assigned)
+    try:
+        await context.bus.publish_many(messages)
+    except ServiceUnavailable as exc:
+        logger.warning("could not publish %d manifests: %s", len(assigned), exc)
+
+
+def _delivery(context: ServerContext, assignment: Assignment) -> bytes:
     bundle_url = None
     if assignment.bundle_sha256:
         bundle_url = context.storage.presign_get(
@@ -321,8 +471,4 @@ async def _dispatch(context: ServerContext, assignment: Assignment) -> None:
         bundle_sha256=assignment.bundle_sha256,
         nonce=assignment.nonce,
     )
-    try:
-        await dispatch.send_manifest(context=context, host_id=assignment.host_id, manifest=manifest)
-    except ServiceUnavailable as exc:
-        # The ack deadline puts the job back in the queue.
-        logger.warning("could not publish the manifest for job %s: %s", assignment.job_id, exc)
+    return dispatch.manifest_delivery(manifest)
