@@ -97,7 +97,7 @@ from peergpu.server.db.models import UserRole
 from peergpu.server.schemas.api_keys import ApiKeyCreate
 from peergpu.server.security import api_keys as key_format
 from peergpu.server.security.principal import Principal
-from peergpu.server.services import accounts, api_keys
+from peergpu.server.services import accounts, api_keys, scheduler
 
 HERE = Path(__file__).resolve().parent
 #: (model, VRAM MiB, share of hosts)
@@ -565,8 +565,9 @@ async def _latency(
 
 async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
     """How the database runs two of each pass's statements, built as the scheduler builds
-    them: the claim UPDATE (``_claim``, for one free GPU of a connected host, rolled back)
-    and the queue-order SELECT of ``_take_batch`` (a window over every queued job)."""
+    them: the claim UPDATE (``claim_statement``, for one free GPU of a connected host, rolled
+    back) and the two queue reads of ``_take_batch`` (the renters' queue heads, then the
+    bounded fair-share ranking)."""
     context = ServerContext.build(settings)
     try:
         async with context.sessionmaker() as session:
@@ -584,40 +585,21 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
             )
             statements: list[tuple[str, Any]] = []
             if row is not None and job_id is not None:
-                lockable = (
-                    select(HostGpuModel.id)
-                    .where(HostGpuModel.id.in_([row[0]]), HostGpuModel.job_id.is_(None))
-                    .with_for_update(skip_locked=True)
-                    .scalar_subquery()
+                statements.append(
+                    ("claim UPDATE (one GPU)", scheduler.claim_statement({row[0]: job_id}))
                 )
+            heads_statement = scheduler.queue_heads_statement(batch_size)
+            heads = [
+                (owner, priority) for owner, priority in await session.execute(heads_statement)
+            ]
+            statements.append((f"queue heads over {queued:,} queued jobs", heads_statement))
+            if heads:
                 statements.append(
                     (
-                        "claim UPDATE",
-                        update(HostGpuModel)
-                        .where(HostGpuModel.id.in_(lockable), HostGpuModel.job_id.is_(None))
-                        .values(job_id=job_id),
+                        f"queue-order SELECT ({len(heads)} renter queues)",
+                        scheduler.queue_order_statement(heads, batch_size),
                     )
                 )
-            turn = (
-                func.row_number()
-                .over(
-                    partition_by=(JobModel.owner_id, JobModel.priority),
-                    order_by=(JobModel.created_at, JobModel.id),
-                )
-                .label("turn")
-            )
-            ranked = (
-                select(JobModel.id, JobModel.priority, JobModel.created_at, turn)
-                .where(JobModel.state == "queued")
-                .subquery()
-            )
-            order = (ranked.c.priority.desc(), ranked.c.turn, ranked.c.created_at, ranked.c.id)
-            statements.append(
-                (
-                    f"queue-order SELECT over {queued:,} queued jobs",
-                    select(ranked.c.id).order_by(*order).limit(batch_size),
-                )
-            )
             notes = []
             for label, statement in statements:
                 sql = str(

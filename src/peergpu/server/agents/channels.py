@@ -35,6 +35,10 @@ def job_logs_stream(job_id: uuid.UUID) -> str:
     return f"joblogs:{job_id}"
 
 
+#: Entries kept in each job's trail stream (the database holds the full record).
+TRAIL_MAXLEN = 10_000
+
+
 def job_events_stream(job_id: uuid.UUID) -> str:
     """What a host said about a job (manifest_ack, job_status, artifact_report), in order."""
     return f"jobevents:{job_id}"

@@ -45,6 +45,7 @@ from peergpu.server.agents.channels import (
     parse_control,
 )
 from peergpu.server.agents.events import AgentEvents
+from peergpu.server.agents.inbox import AgentInbox
 from peergpu.server.bus import Subscription
 from peergpu.server.context import ServerContext
 from peergpu.server.services import hosts, job_reports, job_states, presence
@@ -74,7 +75,8 @@ class _Socket:
 class AgentHub:
     def __init__(self, context: ServerContext) -> None:
         self.context = context
-        self.events = AgentEvents(context)
+        self.inbox = AgentInbox(context)
+        self.events = AgentEvents(context, self.inbox)
         self._sockets: dict[str, _Socket] = {}
 
     @property
@@ -106,6 +108,7 @@ class AgentHub:
         for socket in list(self._sockets.values()):
             with contextlib.suppress(Exception):
                 await socket.websocket.close(code=1001)
+        await self.inbox.close()
 
     async def _run(self, socket: _Socket, hello: Hello, version: int) -> None:
         context = self.context
@@ -167,13 +170,9 @@ class AgentHub:
                 )
                 continue
             if isinstance(message, Heartbeat):
-                async with self.context.sessionmaker() as session:
-                    current = await presence.record_heartbeat(
-                        session=session,
-                        host_id=socket.host_id,
-                        connection_id=socket.connection_id,
-                        samples=list(message.gpus),
-                    )
+                current = await self.inbox.heartbeat(
+                    socket.host_id, socket.connection_id, message.gpus
+                )
                 if not current:
                     await _close(socket.websocket, CLOSE_SUPERSEDED)
                     return

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, tuple_, update
@@ -116,6 +116,9 @@ async def apply_reports(session: AsyncSession, reports: Sequence[Report]) -> App
     await _apply_running(session, running, now, applied, events)
     await _apply_finals(session, finals, now, applied, events)
     if events:
+        # One clock for the batch; a microsecond apart keeps one job's events in order.
+        for offset, event in enumerate(events):
+            event["at"] = now + timedelta(microseconds=offset)
         await session.execute(insert(JobEventModel), events)
     return applied
 
@@ -138,23 +141,6 @@ async def announce(context: ServerContext, applied: Applied) -> None:
         task = asyncio.get_running_loop().create_task(_archive(context, job_id))
         _background.add(task)  # keep a reference until it is done
         task.add_done_callback(_background.discard)
-
-
-async def on_manifest_ack(context: ServerContext, host_id: uuid.UUID, ack: ManifestAck) -> None:
-    await _apply_one(context, Report(host_id, ack))
-
-
-async def on_status(context: ServerContext, host_id: uuid.UUID, status: JobStatus) -> None:
-    """``running`` moves an assigned job to running; a final state ends it and frees its GPUs
-    (also when the renter had cancelled it already: the host confirms it stopped)."""
-    await _apply_one(context, Report(host_id, status))
-
-
-async def _apply_one(context: ServerContext, report: Report) -> None:
-    async with context.sessionmaker() as session:
-        applied = await apply_reports(session, [report])
-        await session.commit()
-    await announce(context, applied)
 
 
 async def _apply_acks(

@@ -9,9 +9,11 @@ that race (a socket closing on one while the sweeper runs on another) never doub
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.protocol.messages import GpuSampleSpec, Hello
@@ -50,6 +52,15 @@ async def mark_connected(
     await session.commit()
 
 
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """One heartbeat: which connection of which host, and its GPU samples."""
+
+    host_id: uuid.UUID
+    connection_id: str
+    samples: Sequence[GpuSampleSpec]
+
+
 async def record_heartbeat(
     *,
     session: AsyncSession,
@@ -59,29 +70,61 @@ async def record_heartbeat(
 ) -> bool:
     """Note that the host is alive and store its GPU samples; False if this connection has
     been superseded by a newer one (the caller should close it)."""
-    now = utcnow()
-    result = await session.execute(
-        update(HostModel)
-        .where(HostModel.id == host_id, HostModel.connection_id == connection_id)
-        .values(last_seen_at=now, status=HostStatus.online.value)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        await session.rollback()
-        return False
-    for sample in samples:
-        await session.execute(
-            update(HostGpuModel)
-            .where(HostGpuModel.host_id == host_id, HostGpuModel.index == sample.index)
-            .values(
-                utilization_percent=sample.utilization_percent,
-                memory_used_mib=sample.memory_used_mib,
-                temperature_c=sample.temperature_c,
-                power_watts=sample.power_watts,
-                sampled_at=now,
-            )
-        )
+    current = await record_heartbeats(session, [Beat(host_id, connection_id, samples)])
     await session.commit()
-    return True
+    return bool(current)
+
+
+async def record_heartbeats(
+    session: AsyncSession, beats: Sequence[Beat]
+) -> set[tuple[uuid.UUID, str]]:
+    """Many hosts' heartbeats in the caller's transaction, in two statements: hosts still on
+    the beating connection are marked seen (returned as ``(host id, connection id)``), then
+    their GPU samples are stored (one executemany). Beats from superseded connections change
+    nothing and are not returned."""
+    if not beats:
+        return set()
+    now = utcnow()
+    current = {
+        (host_id, connection_id)
+        for host_id, connection_id in await session.execute(
+            update(HostModel)
+            .where(
+                tuple_(HostModel.id, HostModel.connection_id).in_(
+                    list({(b.host_id, b.connection_id) for b in beats})
+                )
+            )
+            .values(last_seen_at=now, status=HostStatus.online.value)
+            .returning(HostModel.id, HostModel.connection_id)
+            .execution_options(synchronize_session=False)
+        )
+        if connection_id is not None
+    }
+    samples = [
+        {
+            "b_host_id": beat.host_id,
+            "b_index": sample.index,
+            "utilization_percent": sample.utilization_percent,
+            "memory_used_mib": sample.memory_used_mib,
+            "temperature_c": sample.temperature_c,
+            "power_watts": sample.power_watts,
+            "sampled_at": now,
+        }
+        for beat in beats
+        if (beat.host_id, beat.connection_id) in current
+        for sample in beat.samples
+    ]
+    if samples:
+        # Core executemany (the ORM would read a list of rows as an update by primary key).
+        connection = await session.connection()
+        await connection.execute(
+            update(HostGpuModel).where(
+                HostGpuModel.host_id == bindparam("b_host_id"),
+                HostGpuModel.index == bindparam("b_index"),
+            ),
+            samples,
+        )
+    return current
 
 
 async def mark_disconnected(

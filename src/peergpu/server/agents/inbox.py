@@ -1,0 +1,148 @@
+"""The replica's agent inbox: job reports and heartbeats from every socket, group-committed.
+
+A replica holding a thousand agent sockets gets a steady stream of small messages: manifest
+answers, job statuses, heartbeats. Applied one transaction each, the per-transaction cost
+(a pooled connection, a commit, an ORM session) dominates. The inbox queues them and one
+worker applies whatever has queued up in one transaction (``job_reports.apply_reports`` and
+``presence.record_heartbeats``, a few set-wise statements), then publishes every resulting
+notification and trail entry in one bus round trip each, then answers each waiting socket.
+
+There is no timer: while one batch is in the database the next one fills, so a lone message
+goes straight through and a busy replica batches more. Each socket awaits its own message
+before reading the next, so one host's messages keep their order. A batch that fails is
+retried message by message (one bad report must not fail the others' transactions) unless
+the database or bus is unavailable, which fails every waiting message at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from peergpu.errors import ServiceUnavailable
+from peergpu.protocol.messages import GpuSampleSpec, JobStatus, ManifestAck
+from peergpu.server.agents.channels import TRAIL_MAXLEN, job_events_stream
+from peergpu.server.context import ServerContext
+from peergpu.server.services import job_reports, presence
+
+logger = logging.getLogger(__name__)
+
+#: Messages applied in one transaction at most.
+MAX_BATCH = 1000
+
+
+@dataclass(slots=True)
+class _Pending:
+    item: job_reports.Report | presence.Beat
+    done: asyncio.Future[bool]
+
+
+class AgentInbox:
+    def __init__(self, context: ServerContext, *, max_batch: int = MAX_BATCH) -> None:
+        self.context = context
+        self.max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._ready = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def report(self, host_id: uuid.UUID, message: ManifestAck | JobStatus) -> None:
+        """Apply a job report; returns once it is committed (and announced)."""
+        await self._submit(job_reports.Report(host_id, message))
+
+    async def heartbeat(
+        self, host_id: uuid.UUID, connection_id: str, samples: Sequence[GpuSampleSpec]
+    ) -> bool:
+        """Record a heartbeat; False if the connection has been superseded."""
+        return await self._submit(presence.Beat(host_id, connection_id, samples))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        for pending in self._queue:
+            if not pending.done.done():
+                pending.done.set_exception(ServiceUnavailable("the server is shutting down"))
+        self._queue.clear()
+
+    async def _submit(self, item: job_reports.Report | presence.Beat) -> bool:
+        if self._closed:
+            raise ServiceUnavailable("the server is shutting down")
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, done))
+        self._ready.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(), name="agent-inbox")
+        # A socket that goes away while waiting cancels only its wait: the message is applied.
+        return await done
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._queue:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                await self._apply(batch)
+
+    async def _apply(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self._commit(batch)
+        except ServiceUnavailable as exc:
+            _fail(batch, exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                logger.exception("agent message failed: %r", batch[0].item)
+                _fail(batch, exc)
+                return
+            logger.warning("a batch of %d agent messages failed (%r); one by one", len(batch), exc)
+            for pending in batch:
+                await self._apply([pending])
+            return
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.done.done():
+                pending.done.set_result(result)
+
+    async def _commit(self, batch: list[_Pending]) -> list[bool]:
+        reports = [p.item for p in batch if isinstance(p.item, job_reports.Report)]
+        beats = [p.item for p in batch if isinstance(p.item, presence.Beat)]
+        async with self.context.sessionmaker() as session:
+            current = await presence.record_heartbeats(session, beats)
+            applied = await job_reports.apply_reports(session, reports)
+            await session.commit()
+        await job_reports.announce(self.context, applied)
+        await self._trail(reports)
+        return [
+            (p.item.host_id, p.item.connection_id) in current
+            if isinstance(p.item, presence.Beat)
+            else True
+            for p in batch
+        ]
+
+    async def _trail(self, reports: list[job_reports.Report]) -> None:
+        """Append each report to its job's bus stream: a live trail for operators and tests."""
+        entries = [
+            (job_events_stream(r.message.job_id), r.message.model_dump_json().encode())
+            for r in reports
+            if r.message.job_id is not None
+        ]
+        if not entries:
+            return
+        try:
+            await self.context.bus.append_many(entries, maxlen=TRAIL_MAXLEN)
+        except ServiceUnavailable as exc:  # the trail is a convenience; the database has it
+            logger.debug("bus unavailable, %d trail entries not appended: %s", len(entries), exc)
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.done.done():
+            pending.done.set_exception(exc)

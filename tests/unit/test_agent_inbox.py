@@ -1,0 +1,169 @@
+"""Agents' job reports and heartbeats applied in batches: the same end state as one by one,
+idempotent, group-committed, and one bad message does not fail the others."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+
+from peergpu.protocol.messages import GpuSampleSpec, JobStatus, ManifestAck
+from peergpu.server.agents.inbox import AgentInbox
+from peergpu.server.context import ServerContext
+from peergpu.server.db.host_models import HostGpuModel, HostModel
+from peergpu.server.db.job_models import JobEventModel, JobState
+from peergpu.server.services import job_reports, presence, scheduler
+from tests.unit.scheduling import get_job, make_host, make_job, make_renter
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _assigned(context: ServerContext) -> tuple[uuid.UUID, uuid.UUID, list[uuid.UUID]]:
+    """Host H (3 GPUs, cheapest) and host X (1 GPU); four jobs: three on H, one on X."""
+    owner = await make_renter(context)
+    h = await make_host(context, owner, price=1, gpus=[("T4", 16000)] * 3)
+    x = await make_host(context, owner, price=2, gpus=[("T4", 16000)])
+    jobs = [await make_job(context, owner, max_retries=1) for _ in range(4)]
+    result = await scheduler.schedule_once(context)
+    assert len(result.assigned) == 4
+    assert [(await get_job(context, j)).host_id for j in jobs] == [h, h, h, x]
+    return h, x, jobs
+
+
+async def _events(context: ServerContext, job_id: uuid.UUID) -> list[tuple[str, str]]:
+    async with context.sessionmaker() as session:
+        rows = await session.execute(
+            select(JobEventModel.from_state, JobEventModel.to_state)
+            .where(JobEventModel.job_id == job_id)
+            .order_by(JobEventModel.at, JobEventModel.id)
+        )
+        return [(a, b) for a, b in rows]
+
+
+async def test_one_batch_ends_where_applying_reports_one_by_one_would(
+    context: ServerContext,
+) -> None:
+    h, x, (j1, j2, j3, j4) = await _assigned(context)
+    nonce1 = (await get_job(context, j1)).manifest_nonce
+    reports = [
+        job_reports.Report(h, ManifestAck(job_id=j1, nonce=nonce1, accepted=True)),
+        job_reports.Report(h, ManifestAck(job_id=j2, nonce="stale", accepted=True)),
+        job_reports.Report(h, JobStatus(job_id=j1, state="running")),
+        job_reports.Report(
+            h, JobStatus(job_id=j1, state="succeeded", exit_code=0, duration_seconds=1.5)
+        ),
+        job_reports.Report(h, JobStatus(job_id=j2, state="running")),
+        job_reports.Report(
+            h, JobStatus(job_id=j3, state="failed", exit_code=2, failure_reason="nonzero_exit")
+        ),
+        job_reports.Report(h, JobStatus(job_id=j4, state="running")),  # not H's job
+        job_reports.Report(x, ManifestAck(job_id=j4, nonce=None, accepted=False, reason="expired")),
+    ]
+    async with context.sessionmaker() as session:
+        applied = await job_reports.apply_reports(session, reports)
+        await session.commit()
+    assert applied.changes == [
+        (j4, JobState.queued),
+        (j1, JobState.running),
+        (j2, JobState.running),
+        (j1, JobState.succeeded),
+        (j3, JobState.failed),
+    ]
+    assert applied.freed_gpus and applied.requeued and applied.archive == []
+    one, two, three, four = [await get_job(context, j) for j in (j1, j2, j3, j4)]
+    assert (one.state, one.exit_code, one.duration_seconds) == ("succeeded", 0, 1.5)
+    assert one.acked_at is not None and one.started_at is not None and one.finished_at
+    assert two.state == "running" and two.acked_at == two.started_at  # the stale ack is ignored
+    assert (three.state, three.exit_code, three.failure_reason) == ("failed", 2, "nonzero_exit")
+    assert three.started_at is not None  # a job that failed to start still has a start
+    assert (four.state, four.host_id, four.excluded_host_ids) == ("queued", None, [str(x)])
+    assert await _events(context, j1) == [
+        ("queued", "assigned"),
+        ("assigned", "running"),
+        ("running", "succeeded"),
+    ]
+    assert await _events(context, j3) == [("queued", "assigned"), ("assigned", "failed")]
+    async with context.sessionmaker() as session:
+        holders = set(await session.scalars(select(HostGpuModel.job_id)))
+        events = await session.scalar(select(func.count()).select_from(JobEventModel))
+    assert holders == {None, j2}
+
+    # The agent resends everything after a reconnect: nothing changes.
+    async with context.sessionmaker() as session:
+        again = await job_reports.apply_reports(session, reports)
+        await session.commit()
+    assert again.changes == [] and not again.freed_gpus
+    async with context.sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(JobEventModel)) == events
+    assert (await get_job(context, j1)).finished_at == one.finished_at
+
+
+async def test_the_inbox_group_commits_and_answers_each_socket(
+    context: ServerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, _x, jobs = await _assigned(context)
+    async with context.sessionmaker() as session:
+        await session.execute(update(HostModel).values(connection_id="c-" + HostModel.name))
+        await session.execute(
+            update(HostModel).where(HostModel.id == h).values(connection_id="current")
+        )
+        await session.commit()
+    sessions = 0
+    real = context.sessionmaker
+
+    def counting() -> Any:
+        nonlocal sessions
+        sessions += 1
+        return real()
+
+    monkeypatch.setattr(context, "sessionmaker", counting)
+    inbox = AgentInbox(context)
+    sample = [GpuSampleSpec(index=i, utilization_percent=90, memory_used_mib=7) for i in range(3)]
+    try:
+        results = await asyncio.gather(
+            inbox.heartbeat(h, "current", sample),
+            inbox.heartbeat(h, "superseded", sample),
+            *(inbox.report(h, JobStatus(job_id=j, state="running")) for j in jobs[:3]),
+        )
+    finally:
+        await inbox.close()
+    assert results == [True, False, None, None, None]
+    assert sessions == 1  # five messages, one transaction
+    assert {(await get_job(context, j)).state for j in jobs[:3]} == {"running"}
+    async with real() as session:
+        gpus = list(
+            await session.execute(
+                select(HostGpuModel.index, HostGpuModel.utilization_percent).where(
+                    HostGpuModel.host_id == h
+                )
+            )
+        )
+    assert sorted(gpus) == [(0, 90.0), (1, 90.0), (2, 90.0)]
+
+
+async def test_one_bad_message_fails_alone(
+    context: ServerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, _x, (j1, *_rest) = await _assigned(context)
+    real = presence.record_heartbeats
+
+    async def flaky(session: Any, beats: Any) -> Any:
+        if any(beat.connection_id == "boom" for beat in beats):
+            raise RuntimeError("boom")
+        return await real(session, beats)
+
+    monkeypatch.setattr(presence, "record_heartbeats", flaky)
+    inbox = AgentInbox(context)
+    try:
+        results = await asyncio.gather(
+            inbox.heartbeat(h, "boom", []),
+            inbox.report(h, JobStatus(job_id=j1, state="running")),
+            return_exceptions=True,
+        )
+    finally:
+        await inbox.close()
+    assert isinstance(results[0], RuntimeError) and results[1] is None
+    assert (await get_job(context, j1)).state == "running"
