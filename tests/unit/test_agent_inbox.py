@@ -13,8 +13,9 @@ from sqlalchemy import func, select, update
 from peergpu.protocol.messages import GpuSampleSpec, JobStatus, ManifestAck
 from peergpu.server.agents.inbox import AgentInbox
 from peergpu.server.context import ServerContext
+from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel
-from peergpu.server.db.job_models import JobEventModel, JobState
+from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
 from peergpu.server.services import job_reports, presence, scheduler
 from tests.unit.scheduling import get_job, make_host, make_job, make_renter
 
@@ -167,3 +168,23 @@ async def test_one_bad_message_fails_alone(
         await inbox.close()
     assert isinstance(results[0], RuntimeError) and results[1] is None
     assert (await get_job(context, j1)).state == "running"
+
+
+async def test_an_ending_that_lost_a_race_is_not_announced(context: ServerContext) -> None:
+    """Between reading a job's state and ending it, another replica moved it on: that row's
+    conditional UPDATE changes nothing, and neither a change nor an event is reported."""
+    h, _x, (j1, j2, *_rest) = await _assigned(context)
+    async with context.sessionmaker() as session:
+        await session.execute(update(JobModel).where(JobModel.id == j2).values(state="lost"))
+        await session.commit()
+    statuses = [JobStatus(job_id=j, state="succeeded", exit_code=0) for j in (j1, j2)]
+    rows = [
+        {"b_id": j, "b_expected": "assigned", "state": "succeeded", "exit_code": 0}
+        for j in (j1, j2)
+    ]
+    endings = [(h, s, JobState.assigned, JobState.succeeded) for s in statuses]
+    async with context.sessionmaker() as session:
+        landed = await job_reports._end_jobs(session, rows, endings, utcnow())
+        await session.commit()
+    assert [ending[1].job_id for ending in landed] == [j1]
+    assert [(await get_job(context, j)).state for j in (j1, j2)] == ["succeeded", "lost"]

@@ -183,8 +183,11 @@ class AgentHub:
                 if reported != socket.reported or socket.unreconciled >= RECONCILE_EVERY:
                     await self._reconcile(socket, list(reported))
                 continue
-            for reply in await self.events.handle(socket.host_id, message):
-                await socket.send(reply.model_dump_json())
+            try:
+                for reply in await self.events.handle(socket.host_id, message):
+                    await socket.send(reply.model_dump_json())
+            except (WebSocketDisconnect, RuntimeError):
+                return  # the agent went away; what it sent is applied, it resends the rest
 
     async def _reconcile(self, socket: _Socket, running: list[uuid.UUID]) -> None:
         """Stop what the host runs that it should not (cancelled, or re-queued elsewhere)."""

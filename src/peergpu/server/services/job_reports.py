@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import ServiceUnavailable
@@ -249,6 +249,8 @@ async def _apply_finals(
         )
     }
     ended: list[uuid.UUID] = []
+    rows: list[dict[str, Any]] = []
+    endings: list[tuple[uuid.UUID, JobStatus, JobState, JobState]] = []
     for host_id, status in reports:
         found = current.get(status.job_id)
         if found is None or found[0] != host_id:
@@ -264,35 +266,19 @@ async def _apply_finals(
         }
         if state in ACTIVE_STATES:
             failure = status.failure_reason if final is not JobState.succeeded else None
-            result = await session.execute(
-                update(JobModel)
-                .where(JobModel.id == status.job_id, JobModel.state == state.value)
-                .values(
+            rows.append(
+                {
                     **outcome,
-                    state=final.value,
-                    updated_at=now,
-                    finished_at=now,
-                    failure_reason=failure,
-                    message=status.message[:4000],
-                    missing_since=None,
-                    started_at=started_at or now,
-                )
-                .execution_options(synchronize_session=False)
+                    "b_id": status.job_id,
+                    "b_expected": state.value,
+                    "state": final.value,
+                    "failure_reason": failure,
+                    "message": status.message[:4000],
+                    "started_at": started_at or now,
+                }
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
-                current[status.job_id] = (host_id, final, started_at or now)
-                applied.changes.append((status.job_id, final))
-                events.append(
-                    _event(
-                        status.job_id,
-                        host_id,
-                        now,
-                        state,
-                        final,
-                        status.failure_reason or status.state,
-                        status.message,
-                    )
-                )
+            endings.append((host_id, status, state, final))
+            current[status.job_id] = (host_id, final, started_at or now)  # a resend: no-op
         elif state in FINAL_STATES:
             known = {k: v for k, v in outcome.items() if v is not None}
             if known:
@@ -303,6 +289,19 @@ async def _apply_finals(
                     .execution_options(synchronize_session=False)
                 )
         ended.append(status.job_id)
+    for host_id, status, state, final in await _end_jobs(session, rows, endings, now):
+        applied.changes.append((status.job_id, final))
+        events.append(
+            _event(
+                status.job_id,
+                host_id,
+                now,
+                state,
+                final,
+                status.failure_reason or status.state,
+                status.message,
+            )
+        )
     if not ended:
         return
     released = await session.execute(
@@ -320,6 +319,38 @@ async def _apply_finals(
             .distinct()
         )
     )
+
+
+async def _end_jobs(
+    session: AsyncSession,
+    rows: list[dict[str, Any]],
+    endings: list[tuple[uuid.UUID, JobStatus, JobState, JobState]],
+    now: datetime,
+) -> list[tuple[uuid.UUID, JobStatus, JobState, JobState]]:
+    """Active -> final for every row in one executemany UPDATE, each conditional on the state
+    read before; returns the endings that landed (a job that moved on meanwhile did not)."""
+    if not rows:
+        return []
+    # Core executemany (the ORM would read a list of rows as an update by primary key).
+    connection = await session.connection()
+    result = await connection.execute(
+        update(JobModel)
+        .where(JobModel.id == bindparam("b_id"), JobModel.state == bindparam("b_expected"))
+        .values(updated_at=now, finished_at=now, missing_since=None),
+        rows,
+    )
+    if result.rowcount == len(rows):
+        return endings
+    # Unknown (asyncpg reports no executemany count) or short: look at what landed; this
+    # batch's clock is in ``finished_at`` of exactly the rows it ended.
+    landed = set(
+        await session.scalars(
+            select(JobModel.id).where(
+                JobModel.id.in_([row["b_id"] for row in rows]), JobModel.finished_at == now
+            )
+        )
+    )
+    return [ending for ending in endings if ending[1].job_id in landed]
 
 
 def _event(
