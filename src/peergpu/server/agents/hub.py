@@ -183,8 +183,9 @@ class AgentHub:
                 if reported != socket.reported or socket.unreconciled >= RECONCILE_EVERY:
                     await self._reconcile(socket, list(reported))
                 continue
+            replies = await self.events.handle(socket.host_id, message)
             try:
-                for reply in await self.events.handle(socket.host_id, message):
+                for reply in replies:
                     await socket.send(reply.model_dump_json())
             except (WebSocketDisconnect, RuntimeError):
                 return  # the agent went away; what it sent is applied, it resends the rest
