@@ -602,31 +602,32 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
                 )
             notes = []
             for label, statement in statements:
-                sql = str(
-                    statement.compile(
-                        dialect=context.engine.dialect, compile_kwargs={"literal_binds": True}
-                    )
-                )
-                if settings.is_sqlite:
-                    plan = [
-                        str(r[3]) for r in await session.execute(text("EXPLAIN QUERY PLAN " + sql))
-                    ]
-                    started = time.perf_counter()
-                    await session.execute(text(sql))
-                    elapsed = time.perf_counter() - started
-                else:
-                    started = time.perf_counter()
-                    plan = [
-                        str(r[0]).strip()
-                        for r in await session.execute(text("EXPLAIN ANALYZE " + sql))
-                    ]
-                    elapsed = time.perf_counter() - started
-                    plan = [p for p in plan if not p.startswith(("Trigger", "Planning"))]
-                await session.rollback()
-                notes.append(f"{label}: {elapsed * 1000:.1f} ms, plan: " + " / ".join(plan[:10]))
+                try:
+                    notes.append(await _plan(session, settings, label, statement))
+                except Exception as exc:  # noqa: BLE001 - a plan is a note; the figures stand
+                    await session.rollback()
+                    notes.append(f"{label}: no plan ({exc!r:.200})")
     finally:
         await context.close()
     return notes
+
+
+async def _plan(session: Any, settings: ServerSettings, label: str, statement: Any) -> str:
+    sql = str(
+        statement.compile(dialect=session.bind.dialect, compile_kwargs={"literal_binds": True})
+    )
+    if settings.is_sqlite:
+        plan = [str(r[3]) for r in await session.execute(text("EXPLAIN QUERY PLAN " + sql))]
+        started = time.perf_counter()
+        await session.execute(text(sql))
+        elapsed = time.perf_counter() - started
+    else:
+        started = time.perf_counter()
+        plan = [str(r[0]).strip() for r in await session.execute(text("EXPLAIN ANALYZE " + sql))]
+        elapsed = time.perf_counter() - started
+        plan = [p for p in plan if not p.startswith(("Trigger", "Planning"))]
+    await session.rollback()
+    return f"{label}: {elapsed * 1000:.1f} ms, plan: " + " / ".join(plan[:10])
 
 
 async def _created_at(context: ServerContext, job_ids: list[str]) -> dict[str, float]:

@@ -39,7 +39,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, bindparam, case, func, insert, literal, select, union_all, update
+from sqlalchemy import (
+    Select,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import ServiceUnavailable
@@ -311,7 +322,10 @@ def claim_statement(claims: dict[uuid.UUID, uuid.UUID]) -> Any:
         update(HostGpuModel)
         .where(HostGpuModel.id.in_(lockable), HostGpuModel.job_id.is_(None))
         .values(
-            job_id=case({g: literal(j, job_type) for g, j in claims.items()}, value=HostGpuModel.id)
+            job_id=cast(
+                case(*((HostGpuModel.id == g, literal(j, job_type)) for g, j in claims.items())),
+                job_type,
+            )
         )
         .returning(HostGpuModel.id, HostGpuModel.job_id)
         .execution_options(synchronize_session=False)
