@@ -49,6 +49,12 @@ async def test_one_batch_ends_where_applying_reports_one_by_one_would(
 ) -> None:
     h, x, (j1, j2, j3, j4) = await _assigned(context)
     nonce1 = (await get_job(context, j1)).manifest_nonce
+    async with context.sessionmaker() as session:  # an answer to an older manifest: ignored
+        await job_reports.apply_reports(
+            session, [job_reports.Report(h, ManifestAck(job_id=j2, nonce="stale", accepted=True))]
+        )
+        await session.commit()
+    assert (await get_job(context, j2)).acked_at is None
     reports = [
         job_reports.Report(h, ManifestAck(job_id=j1, nonce=nonce1, accepted=True)),
         job_reports.Report(h, ManifestAck(job_id=j2, nonce="stale", accepted=True)),

@@ -335,3 +335,15 @@ async def test_a_job_cancelled_between_the_read_and_the_write_is_not_assigned(
     assert holders == {kept, None}
     assert events == [kept]
     assert (await get_job(context, cancelled)).state == "cancelled"
+
+
+async def test_the_queue_read_takes_more_renter_queues_than_one_compound_select_may(
+    context: ServerContext,
+) -> None:
+    """SQLite refuses a UNION ALL of more than 500 terms; a big batch can have more heads."""
+    owner = await make_renter(context)
+    job_id = await make_job(context, owner)
+    heads = [(uuid.uuid4(), 0) for _ in range(1200)] + [(owner, 0)]
+    async with context.sessionmaker() as session:
+        ids = list(await session.scalars(scheduler.queue_order_statement(heads, 5000)))
+    assert ids == [job_id]

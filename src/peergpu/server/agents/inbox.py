@@ -23,6 +23,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+
 from peergpu.errors import ServiceUnavailable
 from peergpu.protocol.messages import GpuSampleSpec, JobStatus, ManifestAck
 from peergpu.server.agents.channels import TRAIL_MAXLEN, job_events_stream
@@ -90,13 +93,18 @@ class AgentInbox:
             while self._queue:
                 batch = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
-                await self._apply(batch)
+                try:
+                    await self._apply(batch)
+                except BaseException as exc:  # cancelled (shutdown): nobody may wait forever
+                    _fail(batch, ServiceUnavailable("the server is shutting down"))
+                    raise exc
 
     async def _apply(self, batch: list[_Pending]) -> None:
         try:
             results = await self._commit(batch)
-        except ServiceUnavailable as exc:
-            _fail(batch, exc)
+        except _UNAVAILABLE as exc:
+            # The database or bus is down: one by one would only wait out each timeout.
+            _fail(batch, exc if isinstance(exc, ServiceUnavailable) else _unavailable(exc))
             return
         except Exception as exc:
             if len(batch) == 1:
@@ -140,6 +148,14 @@ class AgentInbox:
             await self.context.bus.append_many(entries, maxlen=TRAIL_MAXLEN)
         except ServiceUnavailable as exc:  # the trail is a convenience; the database has it
             logger.debug("bus unavailable, %d trail entries not appended: %s", len(entries), exc)
+
+
+#: Errors that mean a store is unreachable rather than a message being bad.
+_UNAVAILABLE = (ServiceUnavailable, OperationalError, InterfaceError, SATimeoutError, OSError)
+
+
+def _unavailable(exc: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the database is unavailable ({type(exc).__name__})")
 
 
 def _fail(batch: list[_Pending], exc: BaseException) -> None:

@@ -248,7 +248,7 @@ async def _apply_finals(
             )
         )
     }
-    ended: list[uuid.UUID] = []
+    ended: list[tuple[uuid.UUID, uuid.UUID]] = []
     rows: list[dict[str, Any]] = []
     endings: list[tuple[uuid.UUID, JobStatus, JobState, JobState]] = []
     for host_id, status in reports:
@@ -288,7 +288,7 @@ async def _apply_finals(
                     .values(**known)
                     .execution_options(synchronize_session=False)
                 )
-        ended.append(status.job_id)
+        ended.append((status.job_id, host_id))
     for host_id, status, state, final in await _end_jobs(session, rows, endings, now):
         applied.changes.append((status.job_id, final))
         events.append(
@@ -304,9 +304,10 @@ async def _apply_finals(
         )
     if not ended:
         return
+    # Only the reporting host's GPUs: the job may have been re-queued and claimed elsewhere.
     released = await session.execute(
         update(HostGpuModel)
-        .where(HostGpuModel.job_id.in_(ended))
+        .where(tuple_(HostGpuModel.job_id, HostGpuModel.host_id).in_(ended))
         .values(job_id=None)
         .execution_options(synchronize_session=False)
     )
@@ -315,7 +316,10 @@ async def _apply_finals(
     applied.archive.extend(
         await session.scalars(
             select(JobLogChunkModel.job_id)
-            .where(JobLogChunkModel.job_id.in_(ended), JobLogChunkModel.line_count > 0)
+            .where(
+                JobLogChunkModel.job_id.in_([job_id for job_id, _host in ended]),
+                JobLogChunkModel.line_count > 0,
+            )
             .distinct()
         )
     )

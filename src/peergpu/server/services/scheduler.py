@@ -72,6 +72,9 @@ BUNDLE_URL_SECONDS = 3600
 #: limit of 32,767 (three per GPU).
 CLAIM_CHUNK = 2000
 
+#: Terms per UNION ALL in the queue read (SQLite refuses more than 500).
+_UNION_TERMS = 400
+
 _QUEUED = JobState.queued.value
 _ASSIGNED = JobState.assigned.value
 
@@ -251,6 +254,12 @@ def queue_order_statement(heads: Sequence[tuple[uuid.UUID, int]], size: int) -> 
         .select()
         for owner, priority in heads
     ]
+    # SQLite allows 500 terms in one compound SELECT: nest groups of them.
+    while len(firsts) > _UNION_TERMS:
+        firsts = [
+            union_all(*firsts[i : i + _UNION_TERMS]).subquery().select()
+            for i in range(0, len(firsts), _UNION_TERMS)
+        ]
     candidates = (firsts[0] if len(firsts) == 1 else union_all(*firsts)).subquery("candidates")
     turn = func.row_number().over(
         partition_by=(candidates.c.owner_id, candidates.c.priority),
@@ -456,7 +465,12 @@ async def _dispatch(context: ServerContext, assigned: list[Assignment]) -> None:
     state = json.dumps({"kind": "state", "state": _ASSIGNED}).encode()
     messages: list[tuple[str, bytes]] = []
     for assignment in assigned:
-        messages.append((host_channel(assignment.host_id), _delivery(context, assignment)))
+        try:
+            delivery = _delivery(context, assignment)
+        except Exception:  # one manifest that cannot be built must not hold back the rest
+            logger.exception("could not build the manifest for job %s", assignment.job_id)
+            continue
+        messages.append((host_channel(assignment.host_id), delivery))
     messages.extend((job_channel(a.job_id), state) for a in assigned)
     try:
         await context.bus.publish_many(messages)
