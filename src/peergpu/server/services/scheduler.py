@@ -61,7 +61,7 @@ from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel, HostStatus
 from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
-from peergpu.server.services import job_maintenance
+from peergpu.server.services import job_maintenance, job_states
 from peergpu.server.services.bundles import bundle_key
 
 logger = logging.getLogger(__name__)
@@ -353,7 +353,8 @@ async def _claim(session: AsyncSession, matches: list[_Match]) -> list[_Match]:
     whole = [m for m in matches if all(g[0] in claimed for g in m.gpus)]
     if len(whole) < len(matches):
         short = [m.job.id for m in matches if not all(g[0] in claimed for g in m.gpus)]
-        await _release(session, short)
+        for job_id in short:  # rare: another replica took a GPU first
+            await job_states.release_gpus(session, job_id)
     return whole
 
 
@@ -408,7 +409,9 @@ async def _assign(
             )
         )
         if len(landed) < len(rows):
-            await _release(session, [r["b_id"] for r in rows if r["b_id"] not in landed])
+            for row in rows:
+                if row["b_id"] not in landed:
+                    await job_states.release_gpus(session, row["b_id"])
             keep = [i for i, r in enumerate(rows) if r["b_id"] in landed]
             rows = [rows[i] for i in keep]
             matches = [matches[i] for i in keep]
@@ -446,15 +449,6 @@ async def _assign(
         )
         for match, row in zip(matches, rows, strict=True)
     ]
-
-
-async def _release(session: AsyncSession, job_ids: list[uuid.UUID]) -> None:
-    await session.execute(
-        update(HostGpuModel)
-        .where(HostGpuModel.job_id.in_(job_ids))
-        .values(job_id=None)
-        .execution_options(synchronize_session=False)
-    )
 
 
 async def _dispatch(context: ServerContext, assigned: list[Assignment]) -> None:
