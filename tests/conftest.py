@@ -26,6 +26,7 @@ from peergpu.server.db import migrate
 from peergpu.server.db.all_models import models  # noqa: F401 - fills the metadata
 from peergpu.server.db.base import Base
 from peergpu.server.db.session import create_engine
+from peergpu.server.services.billing import ledger
 from tests import testing_services as services
 
 BACKENDS = ["sqlite+memory", "postgres+redis"]
@@ -75,7 +76,9 @@ def settings(
     if backend == "sqlite+memory":
         template: Path = request.getfixturevalue("sqlite_template")
         shutil.copy(template, tmp_path / "peergpu.db")
-        yield ServerSettings(**common)  # type: ignore[arg-type]
+        sqlite_settings = ServerSettings(**common)  # type: ignore[arg-type]
+        yield sqlite_settings
+        asyncio.run(check_ledger(sqlite_settings.effective_database_url))
         return
     pg_url: str = request.getfixturevalue("postgres_url")
     redis_url: str = request.getfixturevalue("redis_url")
@@ -83,8 +86,11 @@ def settings(
     yield ServerSettings(  # type: ignore[arg-type]
         **common, database_url=pg_url, redis_url=redis_url, redis_prefix=prefix
     )
-    asyncio.run(_truncate_all(pg_url))
-    services.delete_redis_prefix(prefix)
+    try:
+        asyncio.run(check_ledger(pg_url))
+    finally:
+        asyncio.run(_truncate_all(pg_url))
+        services.delete_redis_prefix(prefix)
 
 
 @pytest.fixture
@@ -122,6 +128,17 @@ async def _migrate(url: str) -> None:
         await migrate.upgrade(engine)
     finally:
         await engine.dispose()
+
+
+async def check_ledger(url: str) -> None:
+    """Every test leaves balanced books: run after each test that had a database."""
+    engine = create_engine(ServerSettings(database_url=url))  # type: ignore[call-arg]
+    try:
+        async with AsyncSession(engine) as session:
+            report = await ledger.check(session)
+    finally:
+        await engine.dispose()
+    assert report.ok, f"the ledger check failed after this test: {report}"
 
 
 async def _truncate_all(url: str) -> None:

@@ -89,6 +89,31 @@ class ServerSettings(BaseSettings):
     job_default_max_retries: int = Field(default=2, ge=0, le=10)
     bundle_max_bytes: int = Field(default=512 << 20, ge=1024)
 
+    # Billing. Money is integer micro-dollars (1 USD = 1,000,000).
+    platform_fee_bps: int = Field(
+        default=1000, ge=0, le=10_000, description="platform fee in basis points (1000 = 10%)"
+    )
+    signup_credit_micros: int = Field(
+        default=0, ge=0, description="promotional credit every new account starts with"
+    )
+    billing_settle_seconds: float = Field(
+        default=5.0, gt=0, description="how often open job charges are swept for settlement"
+    )
+    topup_min_micros: int = Field(default=5_000_000, ge=500_000)
+    topup_max_micros: int = Field(default=10_000_000_000, ge=1_000_000)
+    payout_min_micros: int = Field(
+        default=10_000_000, ge=10_000, description="smallest host payout (Stripe Transfer)"
+    )
+    stripe_secret_key: SecretStr = SecretStr("")
+    stripe_webhook_secret: SecretStr = SecretStr("")
+    stripe_api_base: str = Field(
+        default="", description="Stripe API address; empty = Stripe itself (tests use a fake)"
+    )
+    stripe_connect_base: str = Field(
+        default="", description="Stripe Connect address (account links); empty = Stripe itself"
+    )
+    stripe_webhook_tolerance_seconds: int = Field(default=300, ge=1)
+
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
 
@@ -136,6 +161,10 @@ class ServerSettings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def stripe_enabled(self) -> bool:
+        return bool(self.stripe_secret_key.get_secret_value())
 
     @property
     def effective_public_url(self) -> str:

@@ -7,6 +7,7 @@ Services raise these; the HTTP layer maps each class to a status code in exactly
     ├── InvalidInput          (422) input that parsed but makes no sense
     ├── AuthenticationFailed  (401) no or bad credentials
     ├── PermissionDenied      (403) known caller, not allowed
+    ├── PaymentRequired       (402) not enough credit, or a spending cap reached
     ├── NotFound              (404) missing, or not visible to the caller
     ├── Conflict              (409) clashes with the current state (duplicate, race lost)
     ├── PayloadTooLarge       (413)
@@ -42,6 +43,10 @@ class AuthenticationFailed(PeerGPUError):
 
 class PermissionDenied(PeerGPUError):
     code = "permission_denied"
+
+
+class PaymentRequired(PeerGPUError):
+    code = "payment_required"
 
 
 class NotFound(PeerGPUError):

@@ -28,6 +28,7 @@ STATUS_BY_ERROR: dict[type[errors.PeerGPUError], int] = {
     errors.PermissionDenied: 403,
     errors.NotFound: 404,
     errors.Conflict: 409,
+    errors.PaymentRequired: 402,
     errors.PayloadTooLarge: 413,
     errors.RateLimited: 429,
     errors.ServiceUnavailable: 503,

@@ -97,6 +97,8 @@ class JobModel(IdMixin, CreatedAtMixin, Base):
     min_vram_mib: Mapped[int] = mapped_column(Integer, default=0)
     gpu_models: Mapped[list[str]] = mapped_column(JSON, default=list)
     max_price_per_gpu_hour_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    #: The most this job may cost the renter; the hold and the run time are cut to fit it.
+    max_cost_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)
     max_duration_seconds: Mapped[int] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=0)

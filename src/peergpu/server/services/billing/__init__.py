@@ -1,0 +1,1 @@
+"""Money: the ledger, job holds and settlement, Stripe top-ups and host payouts."""
