@@ -21,12 +21,14 @@ from peergpu.server.agents.sweeper import run_presence_sweeper
 from peergpu.server.api import (
     api_keys,
     auth,
+    billing,
     health,
     hosts,
     job_logs,
     jobs,
     marketplace,
     orgs,
+    payments,
     storage,
     users,
 )
@@ -123,6 +125,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         job_logs.router,
         marketplace.router,
         storage.router,
+        billing.router,
+        payments.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
 
