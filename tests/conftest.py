@@ -72,6 +72,8 @@ def settings(
         "argon2_memory_cost_kib": 64,
         "auth_rate_limit": 10_000,
         "public_url": "http://testserver",
+        # Every registered account starts with $1,000 of credit, so jobs can be paid for.
+        "signup_credit_micros": 1_000_000_000,
     }
     if backend == "sqlite+memory":
         template: Path = request.getfixturevalue("sqlite_template")

@@ -29,6 +29,10 @@ from peergpu.server.services import accounts, api_keys, hosts
 from peergpu.server.services.hosts import HostSettings
 
 DEMO_PASSWORD = "peergpu-demo"
+#: Demo credit: the demo accounts start with $100, anyone who registers in the demo with $25.
+#: The demo runs on the ledger alone (no Stripe keys); this is promotional credit.
+DEMO_ACCOUNT_CREDIT_MICROS = 100_000_000
+DEMO_SIGNUP_CREDIT_MICROS = 25_000_000
 DEMO_KEY_NAME = "demo"
 
 
@@ -79,6 +83,7 @@ async def seed_demo(settings: ServerSettings) -> tuple[list[DemoAccount], list[D
                         password=DEMO_PASSWORD,
                         roles=roles,
                         display_name=f"Demo {label}",
+                        signup_credit_micros=DEMO_ACCOUNT_CREDIT_MICROS,
                     )
                 key = None
                 if label == "renter":

@@ -178,6 +178,7 @@ def test_two_server_processes_never_double_assign(database: str, tmp_path: Path)
         PEERGPU_MANIFEST_ACK_TIMEOUT_SECONDS="600",
         PEERGPU_SCHEDULER_SWEEP_SECONDS="0.2",
         PEERGPU_SCHEDULER_BATCH_SIZE="7",
+        PEERGPU_SIGNUP_CREDIT_MICROS="1000000000",
     )
     ports = [free_port(), free_port()]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]

@@ -11,12 +11,23 @@ from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel
 from peergpu.server.db.job_models import JobModel
 from peergpu.server.db.models import UserModel
+from peergpu.server.services.billing import accounts as billing_accounts
+from peergpu.server.services.billing import ledger, postings
 
 
-async def make_renter(context: ServerContext) -> uuid.UUID:
+async def make_renter(context: ServerContext, *, credit: int = 1_000_000_000) -> uuid.UUID:
+    """A renter with ``credit`` micro-dollars of promotional credit ($1,000 by default)."""
     async with context.sessionmaker() as session:
         user = UserModel(email=f"{uuid.uuid4().hex[:10]}@example.com", password_hash="x")
         session.add(user)
+        await session.flush()
+        if credit:
+            await ledger.post(
+                session,
+                postings.grant(
+                    wallet=billing_accounts.user_wallet(user.id), amount=credit, key=f"t:{user.id}"
+                ),
+            )
         await session.commit()
         return user.id
 

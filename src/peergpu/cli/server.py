@@ -39,7 +39,7 @@ def demo(
 ) -> None:
     """Run everything on the embedded defaults: SQLite, the in-process bus, the local object
     store, demo accounts, three simulated hosts that really run jobs, and a sample job."""
-    from peergpu.demo import seed_demo, wipe
+    from peergpu.demo import DEMO_SIGNUP_CREDIT_MICROS, seed_demo, wipe
     from peergpu.demo_runtime import run_demo
 
     if fresh:
@@ -52,6 +52,7 @@ def demo(
         redis_url="",
         s3_bucket="",
         agent_heartbeat_seconds=5.0,
+        signup_credit_micros=DEMO_SIGNUP_CREDIT_MICROS,
     )
     accounts, demo_hosts = asyncio.run(seed_demo(settings))
     console.rule("[bold]PeerGPU demo")
@@ -63,6 +64,7 @@ def demo(
             + (f"  api key: {account.api_key}" if account.api_key else "")
         )
         api_key = account.api_key or api_key
+    console.print("Demo accounts start with $100 of credit (no card needed in the demo).")
     url = settings.effective_public_url
     console.print(
         f"Try:  peergpu login --server {url} --api-key {api_key}\n"

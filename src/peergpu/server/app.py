@@ -36,6 +36,7 @@ from peergpu.server.api.errors import install_error_handlers
 from peergpu.server.api.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
 from peergpu.server.context import ServerContext
 from peergpu.server.db import migrate
+from peergpu.server.services.billing.settlement import run_settlement
 from peergpu.server.services.scheduler import run_scheduler
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 if settings.scheduler_enabled
                 else None
             )
+            settler = (
+                asyncio.create_task(run_settlement(context), name="settlement")
+                if settings.scheduler_enabled
+                else None
+            )
             logger.info(
                 "PeerGPU %s ready: database=%s bus=%s",
                 __version__,
@@ -77,11 +83,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             try:
                 yield
             finally:
-                for task in (sweeper, scheduler):
+                for task in (sweeper, scheduler, settler):
                     if task is not None:
                         task.cancel()
                 await app.state.hub.close_all()
-                for task in (sweeper, scheduler):
+                for task in (sweeper, scheduler, settler):
                     if task is not None:
                         with contextlib.suppress(asyncio.CancelledError):
                             await task

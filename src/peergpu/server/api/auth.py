@@ -26,6 +26,7 @@ async def register(body: UserRegister, context: ContextDep, session: SessionDep)
         password=body.password,
         roles=body.roles,
         display_name=body.display_name,
+        signup_credit_micros=context.settings.signup_credit_micros,
     )
     return UserPublic.model_validate(user)
 

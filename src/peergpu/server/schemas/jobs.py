@@ -48,6 +48,12 @@ class JobCreate(BaseModel):
     priority: int = Field(default=0, ge=-10, le=10, description="higher runs first")
     network: bool = Field(default=False, description="give the job network access")
     max_retries: int | None = Field(default=None, ge=0, le=10)
+    max_cost_micros: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**12,
+        description="the most this job may cost (micro-dollars); it is stopped at the cap",
+    )
 
 
 class JobPublic(BaseModel):
@@ -66,6 +72,7 @@ class JobPublic(BaseModel):
     min_vram_mib: int
     gpu_models: list[str]
     max_price_per_gpu_hour_micros: int | None
+    max_cost_micros: int | None
     tags: list[str]
     max_duration_seconds: int
     priority: int

@@ -16,6 +16,8 @@ from peergpu.server.schemas.auth import TokenPair
 from peergpu.server.schemas.users import UserUpdate
 from peergpu.server.security.passwords import PasswordHashing
 from peergpu.server.security.tokens import AccessTokens, hash_token, new_opaque_token
+from peergpu.server.services.billing import accounts as billing_accounts
+from peergpu.server.services.billing import ledger, postings
 
 SELF_SERVICE_ROLES = frozenset({UserRole.renter, UserRole.host})
 
@@ -32,8 +34,10 @@ async def create_user(
     password: str,
     roles: list[UserRole],
     display_name: str = "",
+    signup_credit_micros: int = 0,
 ) -> UserModel:
-    """Create a user with the given roles; raises Conflict when the e-mail is taken."""
+    """Create a user with the given roles (and, if given, promotional sign-up credit booked in
+    the same transaction); raises Conflict when the e-mail is taken."""
     if not roles:
         raise InvalidInput("Choose at least one role.", details={"field": "roles"})
     user = UserModel(
@@ -46,6 +50,17 @@ async def create_user(
     )
     session.add(user)
     try:
+        await session.flush()
+        if signup_credit_micros > 0:
+            await ledger.post(
+                session,
+                postings.grant(
+                    wallet=billing_accounts.user_wallet(user.id),
+                    amount=signup_credit_micros,
+                    key=f"signup:{user.id}",
+                    memo="Sign-up credit.",
+                ),
+            )
         await session.commit()
     except IntegrityError as exc:
         await session.rollback()
@@ -61,6 +76,7 @@ async def register(
     password: str,
     roles: list[UserRole],
     display_name: str = "",
+    signup_credit_micros: int = 0,
 ) -> UserModel:
     """Self-service sign-up: renter and/or host; the admin role is only granted by an admin."""
     if not set(roles) <= SELF_SERVICE_ROLES:
@@ -75,6 +91,7 @@ async def register(
         password=password,
         roles=roles,
         display_name=display_name,
+        signup_credit_micros=signup_credit_micros,
     )
 
 

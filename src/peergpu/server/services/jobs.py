@@ -18,6 +18,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from peergpu.config import ServerSettings
 from peergpu.errors import Conflict, InvalidInput, NotFound
 from peergpu.server.agents import dispatch
 from peergpu.server.context import ServerContext
@@ -34,6 +35,8 @@ from peergpu.server.db.job_models import (
 from peergpu.server.db.models import MembershipModel
 from peergpu.server.security.principal import Principal
 from peergpu.server.services import job_states, memberships
+from peergpu.server.services.billing import accounts as billing_accounts
+from peergpu.server.services.billing import estimates
 
 #: A Docker image reference: [registry[:port]/]name[:tag][@sha256:digest], lower-case name.
 _IMAGE = re.compile(
@@ -63,11 +66,14 @@ class JobSpec:
     priority: int = 0
     network: bool = False
     max_retries: int | None = None
+    max_cost_micros: int | None = None
 
     def fingerprint(self) -> str:
         """A digest of the request, to tell a retry from a different request under one key."""
         payload = asdict(self)
         payload["org_id"] = str(self.org_id) if self.org_id else None
+        if self.max_cost_micros is None:
+            del payload["max_cost_micros"]  # requests from before cost caps hash as they did
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -96,12 +102,11 @@ async def submit(
             return _replayed(existing, fingerprint), False
     org_id = spec.org_id or principal.organization_id
     await _check_spec(session=session, principal=principal, spec=spec, org_id=org_id)
-    max_duration = spec.max_duration_seconds or settings.job_default_max_duration_seconds
-    if max_duration > settings.job_max_duration_seconds:
-        raise InvalidInput(
-            f"max_duration_seconds is at most {settings.job_max_duration_seconds}.",
-            details={"max_duration_seconds": max_duration},
-        )
+    max_duration = _max_duration(settings, spec)
+    await estimates.require_some_credit(
+        session=session,
+        wallet=billing_accounts.wallet_of(owner_id=principal.user_id, org_id=org_id),
+    )
     now = utcnow()
     job = JobModel(
         owner_id=principal.user_id,
@@ -116,6 +121,7 @@ async def submit(
         min_vram_mib=spec.min_vram_mib,
         gpu_models=list(spec.gpu_models),
         max_price_per_gpu_hour_micros=spec.max_price_per_gpu_hour_micros,
+        max_cost_micros=spec.max_cost_micros,
         tags=sorted(set(spec.tags)),
         max_duration_seconds=max_duration,
         priority=spec.priority,
@@ -151,6 +157,39 @@ async def submit(
     await session.commit()
     await job_states.notify(context, job.id, JobState.queued, wake_scheduler=True)
     return job, True
+
+
+async def estimate(
+    *, context: ServerContext, session: AsyncSession, principal: Principal, spec: JobSpec
+) -> estimates.Estimate:
+    """What the job would cost if submitted now (the same checks as a submit; nothing is
+    queued)."""
+    org_id = spec.org_id or principal.organization_id
+    await _check_spec(session=session, principal=principal, spec=spec, org_id=org_id)
+    return await estimates.estimate(
+        session=session,
+        need=estimates.Need(
+            wallet=billing_accounts.wallet_of(owner_id=principal.user_id, org_id=org_id),
+            gpu_count=spec.gpu_count,
+            min_vram_mib=spec.min_vram_mib,
+            gpu_models=list(spec.gpu_models),
+            tags=list(spec.tags),
+            runner="docker" if spec.image else "process",
+            max_price_per_gpu_hour_micros=spec.max_price_per_gpu_hour_micros,
+            max_duration_seconds=_max_duration(context.settings, spec),
+            max_cost_micros=spec.max_cost_micros,
+        ),
+    )
+
+
+def _max_duration(settings: ServerSettings, spec: JobSpec) -> int:
+    max_duration = spec.max_duration_seconds or settings.job_default_max_duration_seconds
+    if max_duration > settings.job_max_duration_seconds:
+        raise InvalidInput(
+            f"max_duration_seconds is at most {settings.job_max_duration_seconds}.",
+            details={"max_duration_seconds": max_duration},
+        )
+    return max_duration
 
 
 async def get_job(*, session: AsyncSession, principal: Principal, job_id: uuid.UUID) -> JobModel:

@@ -62,6 +62,8 @@ from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel, HostStatus
 from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
 from peergpu.server.services import job_maintenance, job_states
+from peergpu.server.services.billing import accounts as billing_accounts
+from peergpu.server.services.billing import holds
 from peergpu.server.services.bundles import bundle_key
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ Gpu = tuple[uuid.UUID, int, str, int]
 @dataclass
 class _Host:
     id: uuid.UUID
+    owner_id: uuid.UUID
     price: int
     reliability: float
     tags: frozenset[str]
@@ -121,6 +124,8 @@ class _Match:
     job: JobModel
     host: _Host
     gpus: list[Gpu]
+    hold: holds.HoldRequest | None = None
+    plan: holds.HoldPlan | None = None
 
 
 async def schedule_once(context: ServerContext) -> PassResult:
@@ -147,10 +152,17 @@ async def schedule_once(context: ServerContext) -> PassResult:
         if not matches:
             await session.rollback()
             return PassResult(assigned=[], considered=len(jobs))
+        matches = await _fund(session, matches)
         matches = await _claim(session, matches)
         now = utcnow()
         deadline = now + timedelta(seconds=context.settings.manifest_ack_timeout_seconds)
         assigned = await _assign(session, matches, now=now, deadline=deadline)
+        landed = {a.job_id for a in assigned}
+        await holds.place(
+            session,
+            [(m.hold, m.plan) for m in matches if m.job.id in landed and m.hold and m.plan],
+            now=now,
+        )
         await session.commit()
     await _dispatch(context, assigned)
     return PassResult(assigned=assigned, considered=len(jobs))
@@ -201,6 +213,7 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
             HostModel.reliability,
             HostModel.tags,
             HostModel.runners,
+            HostModel.owner_id,
         )
         .join(HostModel, HostModel.id == HostGpuModel.host_id)
         .where(
@@ -212,11 +225,13 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
         .order_by(HostGpuModel.host_id, HostGpuModel.index)
     )
     hosts: dict[uuid.UUID, _Host] = {}
-    for gpu_id, host_id, index, model, memory, job_id, price, reliability, tags, runners in rows:
+    for row in rows:
+        gpu_id, host_id, index, model, memory, job_id, price, reliability, tags, runners = row[:10]
         host = hosts.get(host_id)
         if host is None:
             host = hosts[host_id] = _Host(
                 id=host_id,
+                owner_id=row.owner_id,
                 price=int(price or 0),
                 reliability=float(reliability or 0.0),
                 tags=frozenset(tags or ()),
@@ -316,6 +331,32 @@ def _match(job: JobModel, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None
     return None
 
 
+async def _fund(session: AsyncSession, matches: list[_Match]) -> list[_Match]:
+    """The matches whose wallets can pay the hold (see ``billing.holds``); the others stay
+    queued with a message saying why."""
+    for match in matches:
+        job = match.job
+        match.hold = holds.HoldRequest(
+            job_id=job.id,
+            attempt=job.attempt + 1,
+            wallet=billing_accounts.wallet_of(owner_id=job.owner_id, org_id=job.org_id),
+            host_id=match.host.id,
+            host_owner_id=match.host.owner_id,
+            price_per_gpu_hour_micros=match.host.price,
+            gpu_count=job.gpu_count,
+            max_duration_seconds=job.max_duration_seconds,
+            max_cost_micros=job.max_cost_micros,
+        )
+    funded, waiting = await holds.fund(session, [m.hold for m in matches if m.hold])
+    await holds.note_waiting(session, waiting)
+    kept = []
+    for match in matches:
+        match.plan = funded.get(match.job.id)
+        if match.plan is not None:
+            kept.append(match)
+    return kept
+
+
 def claim_statement(claims: dict[uuid.UUID, uuid.UUID]) -> Any:
     """``UPDATE host_gpus SET job_id = <its job>`` for every free GPU in ``claims`` (GPU row id
     -> job id) that is still free and, on PostgreSQL, not locked by another replica's pass;
@@ -391,6 +432,7 @@ async def _assign(
             manifest_nonce=bindparam("b_nonce"),
             assigned_at=now,
             ack_deadline=deadline,
+            message="",
             acked_at=None,
             missing_since=None,
         ),
@@ -444,7 +486,9 @@ async def _assign(
             image=match.job.image,
             bundle_sha256=match.job.bundle_sha256,
             network=match.job.network,
-            max_duration_seconds=match.job.max_duration_seconds,
+            max_duration_seconds=(
+                match.plan.run_seconds if match.plan else match.job.max_duration_seconds
+            ),
             submitted_at=match.job.created_at.timestamp(),
         )
         for match, row in zip(matches, rows, strict=True)

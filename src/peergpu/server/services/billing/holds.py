@@ -1,0 +1,198 @@
+"""Holds: credit set aside when the scheduler assigns a job, inside the scheduler's pass.
+
+A job attempt may start only if its wallet can cover the worst case: the host's price x GPUs x
+the job's maximum duration, cut to the job's own cost cap (``max_cost_micros``, which then
+also shortens the run time sent to the host so the job stops at the cap). A wallet with a
+monthly spending cap must also stay under it, counting what it was charged this month and
+what it holds now.
+
+:func:`fund` decides, for a whole pass, which matched jobs can be paid for (wallets in queue
+order: the first jobs of a wallet get its credit first); :func:`place` books the holds and the
+``job_charges`` rows for the jobs that were really assigned. Both run in the scheduler's
+transaction; on PostgreSQL the wallets' accounts stay locked from :func:`fund` to the commit,
+so nothing else spends the credit in between. Jobs that cannot be paid for stay queued, with
+a message saying why (:func:`note_waiting`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import bindparam, case, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from peergpu.server.db.base import utcnow
+from peergpu.server.db.billing_models import BillingProfileModel, JobChargeModel
+from peergpu.server.db.job_models import JobModel
+from peergpu.server.services.billing import accounts, ledger, postings
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    job_id: uuid.UUID
+    attempt: int
+    wallet: str
+    host_id: uuid.UUID
+    host_owner_id: uuid.UUID
+    price_per_gpu_hour_micros: int
+    gpu_count: int
+    max_duration_seconds: int
+    max_cost_micros: int | None
+
+
+@dataclass(frozen=True)
+class HoldPlan:
+    amount: int
+    #: The run time the host is told: the job's maximum, or less when its cost cap is lower.
+    run_seconds: int
+
+
+def plan(request: HoldRequest) -> HoldPlan | None:
+    """The hold and run time for one attempt; None when the job's cost cap buys no time at
+    all on this host."""
+    price = request.price_per_gpu_hour_micros
+    run_seconds = request.max_duration_seconds
+    cap = request.max_cost_micros
+    if cap is not None and price > 0:
+        affordable = cap * postings.SECONDS_PER_HOUR // (price * request.gpu_count)
+        run_seconds = min(run_seconds, affordable)
+        if run_seconds < 1:
+            return None
+    amount = postings.usage_cost(
+        price_per_gpu_hour_micros=price, gpu_count=request.gpu_count, seconds=run_seconds
+    )
+    return HoldPlan(amount=amount, run_seconds=run_seconds)
+
+
+async def fund(
+    session: AsyncSession, requests: Sequence[HoldRequest]
+) -> tuple[dict[uuid.UUID, HoldPlan], dict[uuid.UUID, str]]:
+    """``(funded, waiting)``: the plan of every request its wallet can pay for, and a message
+    for every one it cannot. Locks the wallets' accounts (PostgreSQL) until the commit."""
+    wallets = sorted({r.wallet for r in requests})
+    codes = [code for w in wallets for code in (accounts.available(w), accounts.held(w))]
+    balance = await ledger.lock_accounts(session, codes)
+    room = await cap_room(session, wallets)
+    funded: dict[uuid.UUID, HoldPlan] = {}
+    waiting: dict[uuid.UUID, str] = {}
+    left = {w: balance.get(accounts.available(w), 0) for w in wallets}
+    for request in requests:
+        hold = plan(request)
+        if hold is None:
+            waiting[request.job_id] = (
+                "Waiting: the job's cost cap buys no time on the cheapest free host."
+            )
+            continue
+        wallet = request.wallet
+        if hold.amount > left[wallet]:
+            waiting[request.job_id] = (
+                f"Waiting for credit: this job needs a hold of {ledger.format_usd(hold.amount)}"
+                f" and {ledger.format_usd(max(left[wallet], 0))} is available. Top up with"
+                " `peergpu billing topup`."
+            )
+            continue
+        if wallet in room and hold.amount > room[wallet]:
+            waiting[request.job_id] = (
+                f"Waiting: the monthly spending cap leaves {ledger.format_usd(room[wallet])}"
+                f" and this job needs a hold of {ledger.format_usd(hold.amount)}."
+            )
+            continue
+        left[wallet] -= hold.amount
+        if wallet in room:
+            room[wallet] -= hold.amount
+        funded[request.job_id] = hold
+    return funded, waiting
+
+
+async def place(
+    session: AsyncSession,
+    placed: Sequence[tuple[HoldRequest, HoldPlan]],
+    *,
+    now: datetime | None = None,
+) -> None:
+    """Book the holds of the attempts that were assigned, and their ``job_charges`` rows."""
+    if not placed:
+        return
+    now = now or utcnow()
+    await ledger.post_many(
+        session,
+        [
+            postings.hold(wallet=r.wallet, job_id=r.job_id, attempt=r.attempt, amount=hold.amount)
+            for r, hold in placed
+            if hold.amount
+        ],
+    )
+    await session.execute(
+        insert(JobChargeModel),
+        [
+            {
+                "job_id": r.job_id,
+                "attempt": r.attempt,
+                "wallet": r.wallet,
+                "host_id": r.host_id,
+                "host_owner_id": r.host_owner_id,
+                "price_per_gpu_hour_micros": r.price_per_gpu_hour_micros,
+                "gpu_count": r.gpu_count,
+                "hold_micros": hold.amount,
+                "created_at": now,
+            }
+            for r, hold in placed
+        ],
+    )
+
+
+async def note_waiting(session: AsyncSession, waiting: dict[uuid.UUID, str]) -> None:
+    """Tell the renter why a job is still queued (written only when the reason changed)."""
+    if not waiting:
+        return
+    connection = await session.connection()
+    await connection.execute(
+        update(JobModel)
+        .where(
+            JobModel.id == bindparam("w_id"),
+            JobModel.state == "queued",
+            JobModel.message != bindparam("w_message"),
+        )
+        .values(message=bindparam("w_message")),
+        [{"w_id": job_id, "w_message": message} for job_id, message in waiting.items()],
+    )
+
+
+async def cap_room(session: AsyncSession, wallets: Sequence[str]) -> dict[str, int]:
+    """For each wallet with a monthly cap: how much more it may spend this calendar month
+    (the cap minus this month's charges minus its open holds)."""
+    rows = await session.execute(
+        select(BillingProfileModel.wallet, BillingProfileModel.monthly_cap_micros).where(
+            BillingProfileModel.wallet.in_(wallets),
+            BillingProfileModel.monthly_cap_micros.is_not(None),
+        )
+    )
+    caps = {wallet: int(cap) for wallet, cap in rows if cap is not None}
+    if not caps:
+        return {}
+    used: dict[str, int] = defaultdict(int)
+    open_or_charged = case(
+        (JobChargeModel.settled_at.is_(None), JobChargeModel.hold_micros),
+        else_=JobChargeModel.charged_micros,
+    )
+    for wallet, amount in await session.execute(
+        select(JobChargeModel.wallet, func.sum(open_or_charged))
+        .where(
+            JobChargeModel.wallet.in_(list(caps)),
+            or_(
+                JobChargeModel.created_at >= month_start(utcnow()),
+                JobChargeModel.settled_at.is_(None),
+            ),
+        )
+        .group_by(JobChargeModel.wallet)
+    ):
+        used[wallet] = int(amount or 0)
+    return {wallet: max(cap - used[wallet], 0) for wallet, cap in caps.items()}
+
+
+def month_start(now: datetime) -> datetime:
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
