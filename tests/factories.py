@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from peergpu.server.context import ServerContext
+from peergpu.server.services.billing import ledger, postings
 
 PASSWORD = "correct horse battery"
 _counter = itertools.count()
@@ -72,3 +76,13 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert error["code"] == code, error
     return dict(error)
+
+
+async def grant_credit(context: ServerContext, wallet: str, amount: int) -> None:
+    """Promotional credit for a wallet (``user:<id>`` or ``org:<id>``), straight in the ledger."""
+    async with context.sessionmaker() as session:
+        await ledger.post(
+            session,
+            postings.grant(wallet=wallet, amount=amount, key=f"test-grant:{uuid.uuid4()}"),
+        )
+        await session.commit()

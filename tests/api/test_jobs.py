@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import ApiUser, assert_error, make_org, make_user
+from tests.factories import ApiUser, assert_error, grant_credit, make_org, make_user
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,7 +94,9 @@ async def test_idempotency_key_returns_the_same_job(client: httpx.AsyncClient) -
     assert listed["count"] == 1
 
 
-async def test_jobs_are_visible_to_their_owner_and_org_only(client: httpx.AsyncClient) -> None:
+async def test_jobs_are_visible_to_their_owner_and_org_only(
+    client: httpx.AsyncClient, app: Any
+) -> None:
     owner = await make_user(client)
     stranger = await make_user(client)
     mine = (await _submit(client, owner)).json()
@@ -110,6 +112,8 @@ async def test_jobs_are_visible_to_their_owner_and_org_only(client: httpx.AsyncC
 
     org = await make_org(client, owner)
     assert_error(await _submit(client, stranger, org_id=org["id"]), 404)
+    assert_error(await _submit(client, owner, org_id=org["id"]), 402)  # the org has no credit
+    await grant_credit(app.state.context, f"org:{org['id']}", 10_000_000)
     shared = (await _submit(client, owner, org_id=org["id"])).json()
     assert shared["org_id"] == org["id"]
     member = await make_user(client)

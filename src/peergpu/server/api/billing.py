@@ -124,7 +124,7 @@ async def job_receipt(job_id: uuid.UUID, principal: Reader, session: SessionDep)
     )
 
 
-@router.post("/jobs/estimate", responses=errors(404, 422))
+@router.post("/jobs/estimate", responses=errors(404, 413, 422))
 async def estimate_job(
     body: JobCreate, principal: Reader, session: SessionDep, context: ContextDep
 ) -> JobEstimate:

@@ -76,7 +76,7 @@ async def upload_bundle(
     "/jobs",
     status_code=status.HTTP_201_CREATED,
     responses={
-        **errors(404, 409, 413),
+        **errors(402, 404, 409, 413),
         200: {"model": JobPublic, "description": "Idempotent replay"},
     },
 )

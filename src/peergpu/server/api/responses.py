@@ -6,6 +6,7 @@ from peergpu.server.schemas.errors import ErrorBody
 
 _DESCRIPTIONS = {
     401: "Not authenticated",
+    402: "Not enough credit (or a spending cap reached)",
     403: "Not allowed",
     404: "Not found (or not visible to you)",
     409: "Conflicts with the current state",
