@@ -768,6 +768,8 @@ async def _seed(settings: ServerSettings, args: argparse.Namespace, report: Repo
                     email=f"renter{i}@bench.example",
                     password=PASSWORD,
                     roles=[UserRole.renter],
+                    # Enough credit for every hold (jobs are paid for since billing landed).
+                    signup_credit_micros=10**15,
                 )
                 for i in range(args.renters)
             ]
