@@ -97,7 +97,7 @@ from peergpu.server.db.models import UserRole
 from peergpu.server.schemas.api_keys import ApiKeyCreate
 from peergpu.server.security import api_keys as key_format
 from peergpu.server.security.principal import Principal
-from peergpu.server.services import accounts, api_keys, scheduler
+from peergpu.server.services import accounts, api_keys, job_queue, scheduler
 
 HERE = Path(__file__).resolve().parent
 #: (model, VRAM MiB, share of hosts)
@@ -588,7 +588,7 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
                 statements.append(
                     ("claim UPDATE (one GPU)", scheduler.claim_statement({row[0]: job_id}))
                 )
-            heads_statement = scheduler.queue_heads_statement(batch_size)
+            heads_statement = job_queue.heads_statement(batch_size)
             heads = [
                 (owner, priority) for owner, priority in await session.execute(heads_statement)
             ]
@@ -597,7 +597,7 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
                 statements.append(
                     (
                         f"queue-order SELECT ({len(heads)} renter queues)",
-                        scheduler.queue_order_statement(heads, batch_size),
+                        job_queue.order_statement(heads, batch_size),
                     )
                 )
             notes = []

@@ -16,7 +16,7 @@ from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel
 from peergpu.server.db.job_models import JobEventModel, JobModel
-from peergpu.server.services import job_maintenance, scheduler
+from peergpu.server.services import job_maintenance, job_queue, scheduler
 from tests.unit.scheduling import get_job, make_host, make_job, make_renter
 
 pytestmark = pytest.mark.timeout(60)
@@ -291,7 +291,7 @@ async def test_bounded_queue_read_matches_ranking_the_whole_queue(
     expected = [job_id for _key, job_id in sorted(keyed)]
     for size in (1, 7, 30, 500):
         async with context.sessionmaker() as session:
-            batch = [job.id for job in await scheduler._take_batch(session, size)]
+            batch = [job.id for job in await job_queue.take_batch(session, size)]
             await session.rollback()
         assert batch == expected[:size]
 
@@ -345,5 +345,5 @@ async def test_the_queue_read_takes_more_renter_queues_than_one_compound_select_
     job_id = await make_job(context, owner)
     heads = [(uuid.uuid4(), 0) for _ in range(1200)] + [(owner, 0)]
     async with context.sessionmaker() as session:
-        ids = list(await session.scalars(scheduler.queue_order_statement(heads, 5000)))
+        ids = list(await session.scalars(job_queue.order_statement(heads, 5000)))
     assert ids == [job_id]

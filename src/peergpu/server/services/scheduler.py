@@ -12,13 +12,15 @@ jobs it assigns:
    other jobs.
 3. Match in memory: for each job the cheapest eligible host, then the most reliable, then the
    least loaded, among hosts with enough free GPUs of the right model and VRAM.
+   Then each match's wallet must cover its hold (price x GPUs x max duration, see
+   ``billing.holds``); a job it cannot cover stays queued with a message saying why.
 4. Claim every matched GPU with one conditional UPDATE (``WHERE job_id IS NULL``, on
    PostgreSQL over rows locked with ``SKIP LOCKED``) that returns what it claimed. A job whose
    claim came up short (another replica got a GPU first) gives back what it got and waits for
    the next pass.
 5. ``queued -> assigned`` for every claimed job in one executemany UPDATE (conditional on
    ``queued``: a job cancelled meanwhile is noticed and its GPUs given back), one
-   ``job_events`` INSERT, one commit.
+   ``job_events`` INSERT, the holds of the jobs assigned, one commit.
 6. After the commit, sign one manifest per assignment and publish them all, with the state
    changes, in one round trip; whichever replica holds a host's socket sends its manifest.
 
@@ -34,21 +36,17 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    Select,
     bindparam,
     case,
     cast,
-    func,
     insert,
     literal,
     select,
-    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -65,6 +63,7 @@ from peergpu.server.services import job_maintenance, job_states
 from peergpu.server.services.billing import accounts as billing_accounts
 from peergpu.server.services.billing import holds
 from peergpu.server.services.bundles import bundle_key
+from peergpu.server.services.job_queue import take_batch as _take_batch
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +72,6 @@ BUNDLE_URL_SECONDS = 3600
 #: GPUs per claim statement: keeps each statement's bind parameters well under PostgreSQL's
 #: limit of 32,767 (three per GPU).
 CLAIM_CHUNK = 2000
-
-#: Terms per UNION ALL in the queue read (SQLite refuses more than 500).
-_UNION_TERMS = 400
 
 _QUEUED = JobState.queued.value
 _ASSIGNED = JobState.assigned.value
@@ -243,68 +239,6 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
         else:
             host.busy += 1
     return {host_id: host for host_id, host in hosts.items() if host.free}
-
-
-def queue_heads_statement(size: int) -> Select[uuid.UUID, int]:
-    """The (renter, priority) queues whose oldest job could be among the next ``size`` jobs:
-    every job in the batch ranks after its own queue's head, so at most ``size`` heads matter."""
-    return (
-        select(JobModel.owner_id, JobModel.priority)
-        .where(JobModel.state == _QUEUED)
-        .group_by(JobModel.owner_id, JobModel.priority)
-        .order_by(JobModel.priority.desc(), func.min(JobModel.created_at))
-        .limit(size)
-    )
-
-
-def queue_order_statement(heads: Sequence[tuple[uuid.UUID, int]], size: int) -> Select[Any]:
-    """The next ``size`` queued job ids in queue order, read from the first ``size`` jobs of
-    each queue in ``heads`` only (one index range each) and ranked by fair share."""
-    firsts = [
-        select(JobModel.id, JobModel.owner_id, JobModel.priority, JobModel.created_at)
-        .where(JobModel.state == _QUEUED, JobModel.owner_id == owner, JobModel.priority == priority)
-        .order_by(JobModel.created_at, JobModel.id)
-        .limit(size)
-        .subquery()
-        .select()
-        for owner, priority in heads
-    ]
-    # SQLite allows 500 terms in one compound SELECT: nest groups of them.
-    while len(firsts) > _UNION_TERMS:
-        firsts = [
-            union_all(*firsts[i : i + _UNION_TERMS]).subquery().select()
-            for i in range(0, len(firsts), _UNION_TERMS)
-        ]
-    candidates = (firsts[0] if len(firsts) == 1 else union_all(*firsts)).subquery("candidates")
-    turn = func.row_number().over(
-        partition_by=(candidates.c.owner_id, candidates.c.priority),
-        order_by=(candidates.c.created_at, candidates.c.id),
-    )
-    ranked = select(
-        candidates.c.id, candidates.c.priority, candidates.c.created_at, turn.label("turn")
-    ).subquery("ranked")
-    return (
-        select(ranked.c.id)
-        .order_by(ranked.c.priority.desc(), ranked.c.turn, ranked.c.created_at, ranked.c.id)
-        .limit(size)
-    )
-
-
-async def _take_batch(session: AsyncSession, size: int) -> list[JobModel]:
-    """Queued jobs in queue order (priority, fair share, age), locked on PostgreSQL."""
-    heads = [
-        (owner, priority) for owner, priority in await session.execute(queue_heads_statement(size))
-    ]
-    if not heads:
-        return []
-    ids = list(await session.scalars(queue_order_statement(heads, size)))
-    rows = await session.scalars(
-        select(JobModel)
-        .where(JobModel.id.in_(ids), JobModel.state == _QUEUED)
-        .with_for_update(skip_locked=True)
-    )
-    by_id = {job.id: job for job in rows}
-    return [by_id[i] for i in ids if i in by_id]
 
 
 def _match(job: JobModel, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None:
