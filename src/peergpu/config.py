@@ -105,7 +105,11 @@ class ServerSettings(BaseSettings):
         default=10_000_000, ge=10_000, description="smallest host payout (Stripe Transfer)"
     )
     stripe_secret_key: SecretStr = SecretStr("")
-    stripe_webhook_secret: SecretStr = SecretStr("")
+    stripe_webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="the webhook endpoints' signing secrets (whsec_...), comma-separated: Stripe "
+        "signs Connect events (account.updated) with the Connect endpoint's own secret",
+    )
     stripe_api_base: str = Field(
         default="", description="Stripe API address; empty = Stripe itself (tests use a fake)"
     )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 from typer.core import TyperGroup
 
-from peergpu.cli import hosts, jobs, session
+from peergpu.cli import billing, host, hosts, jobs, session
 from peergpu.cli.output import EXIT_CODES_HELP
 
 if TYPE_CHECKING:  # Typer vendors its own click (typer._click); only the types are needed
@@ -62,8 +62,8 @@ def _load_command(name: str) -> Command:
 app = typer.Typer(
     name="peergpu",
     cls=_LazyGroup,
-    help="PeerGPU: a peer-to-peer GPU cloud. Rent GPUs (login, jobs, hosts), or run the control "
-    "plane, a host agent, or the demo.\n\n" + EXIT_CODES_HELP,
+    help="PeerGPU: a peer-to-peer GPU cloud. Rent GPUs (login, jobs, hosts, billing), earn "
+    "from yours (host), or run the control plane, a host agent, or the demo.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -73,6 +73,8 @@ app.command("logout")(session.logout)
 app.command("whoami")(session.whoami)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(hosts.app, name="hosts")
+app.add_typer(billing.app, name="billing")
+app.add_typer(host.app, name="host")
 
 
 def main() -> None:

@@ -8,12 +8,13 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from peergpu.cli.billing import print_estimate, print_receipt
 from peergpu.cli.common import console, fail
 from peergpu.cli.output import (
     EXIT_CODES_HELP,
@@ -25,11 +26,13 @@ from peergpu.cli.output import (
     job_exit_code,
     mib,
     notice,
+    parse_amount_micros,
     parse_price_micros,
     print_json,
     print_table,
     progress_bar,
     styled_state,
+    usd,
     when,
 )
 from peergpu.cli.session import JsonOption, connect
@@ -39,6 +42,26 @@ app = typer.Typer(
     help="Submit jobs, follow their logs, download their results.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
 )
+
+
+class _Spec(TypedDict):
+    """The job options ``submit`` and ``submit --dry-run`` pass on alike."""
+
+    image: str | None
+    name: str | None
+    org_id: str | None
+    env: dict[str, str] | None
+    gpu_count: int | None
+    min_vram_mib: int | None
+    gpu_models: list[str] | None
+    max_price_per_gpu_hour_micros: int | None
+    max_cost_micros: int | None
+    tags: list[str] | None
+    max_duration_seconds: int | None
+    priority: int | None
+    network: bool | None
+    max_retries: int | None
+
 
 JobId = Annotated[str, typer.Argument(help="The job's id.", show_default=False)]
 FollowOption = Annotated[
@@ -75,6 +98,10 @@ def submit(
         str | None,
         typer.Option("--max-price", help="Highest price, dollars per GPU-hour, e.g. 2.50."),
     ] = None,
+    max_cost: Annotated[
+        str | None,
+        typer.Option("--max-cost", help="The most the job may cost, dollars; it is stopped there."),
+    ] = None,
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="A tag the host must carry (repeatable).")
     ] = None,
@@ -101,32 +128,49 @@ def submit(
         typer.Option(help="Re-running the command with the same key returns the same job."),
     ] = None,
     follow: FollowOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Submit nothing: print what the job would cost and whether your credit "
+            "covers it (exit 7 when it does not).",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Submit a job; prints its id (with --follow, streams its logs and exits with its outcome).
 
     Options go before the command: peergpu jobs submit --bundle . --gpus 1 -- python train.py"""
     variables = _parse_env(env or [])
-    price_micros = parse_price_micros(max_price, "--max-price")
+    cost_micros = None if max_cost is None else parse_amount_micros(max_cost, "--max-cost")
+    spec: _Spec = {
+        "image": image,
+        "name": name,
+        "org_id": org,
+        "env": variables or None,
+        "gpu_count": gpus,
+        "min_vram_mib": min_vram,
+        "gpu_models": gpu_model or None,
+        "max_price_per_gpu_hour_micros": parse_price_micros(max_price, "--max-price"),
+        "max_cost_micros": cost_micros,
+        "tags": tag or None,
+        "max_duration_seconds": max_duration,
+        "priority": priority,
+        "network": network or None,
+        "max_retries": retries,
+    }
+    if dry_run:
+        if follow:
+            fail("--dry-run submits nothing to follow; leave out --follow", code=EXIT_USAGE)
+        if bundle is not None:
+            notice("dry run: the bundle is not uploaded (the price does not depend on it)")
+        with connect() as client, handle_errors("cannot estimate"):
+            found = client.estimate_job(command, **spec)
+        raise typer.Exit(print_estimate(found, as_json=as_json))
     with connect() as client, handle_errors():
         bundle_sha256 = _upload(client, bundle) if bundle is not None else None
         job = client.submit_job(
-            command,
-            image=image,
-            bundle_sha256=bundle_sha256,
-            name=name,
-            org_id=org,
-            env=variables or None,
-            gpu_count=gpus,
-            min_vram_mib=min_vram,
-            gpu_models=gpu_model or None,
-            max_price_per_gpu_hour_micros=price_micros,
-            tags=tag or None,
-            max_duration_seconds=max_duration,
-            priority=priority,
-            network=network or None,
-            max_retries=retries,
-            idempotency_key=idempotency_key,
+            command, bundle_sha256=bundle_sha256, idempotency_key=idempotency_key, **spec
         )
         if not follow:
             if as_json:
@@ -271,6 +315,17 @@ def events(job_id: JobId, as_json: JsonOption = False) -> None:
     print_table(table)
 
 
+@app.command()
+def receipt(job_id: JobId, as_json: JsonOption = False) -> None:
+    """What a job cost: each attempt's hold, seconds billed and charge, and refunds."""
+    with connect() as client, handle_errors():
+        found = client.receipt(job_id)
+    if as_json:
+        print_json(found.to_json())
+        return
+    print_receipt(found)
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 
@@ -393,6 +448,7 @@ def _job_fields(job: Job) -> list[tuple[str, str]]:
         ("command", shlex.join(job.command)),
         ("gpus", gpus),
         ("max price", _per_gpu_hour(job.max_price_per_gpu_hour_micros)),
+        ("max cost", usd(job.max_cost_micros)),
         ("tags", ", ".join(job.tags) or "-"),
         ("network", "yes" if job.network else "no"),
         ("attempt", f"{job.attempt} (retries allowed: {job.max_retries})"),

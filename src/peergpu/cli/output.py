@@ -1,4 +1,5 @@
-"""Output and exit codes shared by the client commands (``login``, ``jobs``, ``hosts``).
+"""Output and exit codes shared by the client commands (``login``, ``jobs``, ``hosts``,
+``billing``, ``host``).
 
 Human output goes to stdout through rich; progress bars, notices and errors go to stderr, so a
 command's stdout stays usable in pipes. ``--json`` writes plain JSON to stdout and nothing else
@@ -9,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,11 +43,14 @@ EXIT_AUTH = 3
 EXIT_NOT_FOUND = 4
 EXIT_UNREACHABLE = 5
 EXIT_API = 6
+EXIT_PAYMENT = 7
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 the job failed, was cancelled or expired (with --follow: the "
     "job's own exit code when it has one); 2 usage error; 3 not logged in or authentication "
-    "failed; 4 not found; 5 server unreachable; 6 any other error from the server."
+    "failed; 4 not found; 5 server unreachable or a service it needs unavailable (HTTP 503, "
+    "e.g. card payments not set up); 6 any other error from the server; 7 not enough credit, "
+    "a spending cap reached, or more asked than is payable (HTTP 402)."
 )
 
 _PIPE_WIDTH = 500
@@ -86,8 +91,12 @@ def handle_errors(action: str = "") -> Iterator[None]:
 def exit_code_for(error: PeerGPUError) -> int:
     if error.status == 401:
         return EXIT_AUTH
+    if error.status == 402:
+        return EXIT_PAYMENT
     if error.status == 404:
         return EXIT_NOT_FOUND
+    if error.status == 503:
+        return EXIT_UNREACHABLE
     return EXIT_API
 
 
@@ -133,6 +142,16 @@ def dollars(micros: int | None) -> str:
     if micros is None:
         return "-"
     return f"${Decimal(micros) / MICROS_PER_DOLLAR:.4f}".rstrip("0").rstrip(".")
+
+
+def usd(micros: int | None) -> str:
+    """Money as the server writes it: ``$1,000.00``, ``$0.042``, ``-$3.60`` (cents always
+    shown, micro-dollars when there are any)."""
+    if micros is None:
+        return "-"
+    sign = "-" if micros < 0 else ""
+    whole, rest = divmod(abs(micros), MICROS_PER_DOLLAR)
+    return f"{sign}${whole:,}.{f'{rest:06d}'.rstrip('0').ljust(2, '0')}"
 
 
 def when(moment: datetime | None) -> str:
@@ -202,9 +221,36 @@ def parse_price(text: str | None, option: str) -> Decimal | None:
     return price
 
 
+#: ``25``, ``12.50``, ``$5``, ``1,000``, ``.5``: digits (grouped by commas, or not) and a fraction
+_AMOUNT = re.compile(r"\$?(?P<number>(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def parse_amount_micros(text: str, what: str, *, allow_zero: bool = False) -> int:
+    """Dollars (``"25"``, ``"12.50"``, ``"$5"``, ``"1,000"``) as integer micro-dollars,
+    exactly (through ``Decimal``). A usage error (exit 2) for a negative amount, for zero
+    unless ``allow_zero``, for more than six decimals (less than a micro-dollar) and for
+    anything that is not an amount (``1e3``, ``nan``, ``ten``)."""
+    cleaned = text.strip()
+    if cleaned.startswith(("-", "$-")):
+        fail(f"{what} {escape(text)!r}: the amount cannot be negative", code=EXIT_USAGE)
+    match = _AMOUNT.fullmatch(cleaned)
+    if match is None:
+        fail(f"{what} {escape(text)!r}: expected dollars, e.g. 25 or 12.50", code=EXIT_USAGE)
+    micros = Decimal(match["number"].replace(",", "")) * MICROS_PER_DOLLAR
+    if micros != micros.to_integral_value():
+        fail(f"{what} {escape(text)!r}: at most 6 decimals (a micro-dollar)", code=EXIT_USAGE)
+    if micros == 0 and not allow_zero:
+        fail(f"{what} {escape(text)!r}: the amount must be more than zero", code=EXIT_USAGE)
+    return int(micros)
+
+
 def _hint(error: PeerGPUError) -> str:
     if error.status == 401:
         return "; run `peergpu login`"
+    if error.status == 402 and "peergpu " not in error.message:
+        if error.code == "insufficient_payable":
+            return "; see `peergpu host earnings`"
+        return "; see `peergpu billing balance`"
     if error.code == "permission_denied" and "host" in error.message.lower():
         return "; your account needs the host role"
     return ""

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from peergpu.client import artifacts as artifact_files
+from peergpu.client.billing import BillingMixin
 from peergpu.client.bundles import ProgressCallback
 from peergpu.client.errors import PeerGPUUnavailable
 from peergpu.client.http import HttpSession, TokenCallback, TokenStore
@@ -35,6 +36,7 @@ from peergpu.client.models import (
     EnrollmentToken,
     Host,
     Job,
+    JobEstimate,
     JobEvent,
     JobUpdate,
     LogLine,
@@ -48,8 +50,9 @@ from peergpu.client.models import (
 _CHUNK = 1024 * 1024
 
 
-class PeerGPU:
-    """A client for one PeerGPU server.
+class PeerGPU(BillingMixin):
+    """A client for one PeerGPU server (its billing methods are in
+    :class:`~peergpu.client.billing.BillingMixin`).
 
     Authenticate with an ``api_key``, or with an ``access_token`` and ``refresh_token`` (from
     :meth:`login` or stored by the CLI). Rotated token pairs are handed to ``on_tokens``, and
@@ -151,6 +154,7 @@ class PeerGPU:
         min_vram_mib: int | None = None,
         gpu_models: Sequence[str] | None = None,
         max_price_per_gpu_hour_micros: int | None = None,
+        max_cost_micros: int | None = None,
         tags: Sequence[str] | None = None,
         max_duration_seconds: int | None = None,
         priority: int | None = None,
@@ -159,33 +163,80 @@ class PeerGPU:
         idempotency_key: str | None = None,
     ) -> Job:
         """Submit a job. Arguments left as ``None`` take the server's defaults.
+        ``max_cost_micros`` caps what the job may cost: it is stopped when the cap is spent.
+        A wallet with no credit left is a 402 ``insufficient_credit``.
 
         Idempotent: the request carries ``idempotency_key`` (a fresh random one when not given),
         so the SDK's own retries after a dropped connection return the same job rather than a
         second one; pass your own key to make your retries safe too."""
-        spec: dict[str, Any] = {
-            "command": list(command),
-            "image": image,
-            "bundle_sha256": bundle_sha256,
-            "name": name,
-            "org_id": str(org_id) if org_id is not None else None,
-            "env": env,
-            "gpu_count": gpu_count,
-            "min_vram_mib": min_vram_mib,
-            "gpu_models": list(gpu_models) if gpu_models is not None else None,
-            "max_price_per_gpu_hour_micros": max_price_per_gpu_hour_micros,
-            "tags": list(tags) if tags is not None else None,
-            "max_duration_seconds": max_duration_seconds,
-            "priority": priority,
-            "network": network,
-            "max_retries": max_retries,
-        }
-        body = {k: v for k, v in spec.items() if v is not None}
+        body = _job_body(
+            command,
+            image=image,
+            bundle_sha256=bundle_sha256,
+            name=name,
+            org_id=org_id,
+            env=env,
+            gpu_count=gpu_count,
+            min_vram_mib=min_vram_mib,
+            gpu_models=gpu_models,
+            max_price_per_gpu_hour_micros=max_price_per_gpu_hour_micros,
+            max_cost_micros=max_cost_micros,
+            tags=tags,
+            max_duration_seconds=max_duration_seconds,
+            priority=priority,
+            network=network,
+            max_retries=max_retries,
+        )
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         response = self._http.request(
             "POST", "/jobs", json_body=body, headers=headers, idempotent=True
         )
         return Job.model_validate(response.json())
+
+    def estimate_job(
+        self,
+        command: Sequence[str],
+        *,
+        image: str | None = None,
+        bundle_sha256: str | None = None,
+        name: str | None = None,
+        org_id: str | uuid.UUID | None = None,
+        env: dict[str, str] | None = None,
+        gpu_count: int | None = None,
+        min_vram_mib: int | None = None,
+        gpu_models: Sequence[str] | None = None,
+        max_price_per_gpu_hour_micros: int | None = None,
+        max_cost_micros: int | None = None,
+        tags: Sequence[str] | None = None,
+        max_duration_seconds: int | None = None,
+        priority: int | None = None,
+        network: bool | None = None,
+        max_retries: int | None = None,
+    ) -> JobEstimate:
+        """What :meth:`submit_job` with the same arguments would cost if submitted now, and
+        whether your credit covers its hold. Nothing is queued or held (safe to repeat). The
+        spec is checked as a submit checks it (422 for a bad one; a ``bundle_sha256`` must be
+        uploaded already, but the estimate does not depend on it, so it can be left out)."""
+        body = _job_body(
+            command,
+            image=image,
+            bundle_sha256=bundle_sha256,
+            name=name,
+            org_id=org_id,
+            env=env,
+            gpu_count=gpu_count,
+            min_vram_mib=min_vram_mib,
+            gpu_models=gpu_models,
+            max_price_per_gpu_hour_micros=max_price_per_gpu_hour_micros,
+            max_cost_micros=max_cost_micros,
+            tags=tags,
+            max_duration_seconds=max_duration_seconds,
+            priority=priority,
+            network=network,
+            max_retries=max_retries,
+        )
+        response = self._http.request("POST", "/jobs/estimate", json_body=body, idempotent=True)
+        return JobEstimate.model_validate(response.json())
 
     def list_jobs(
         self,
@@ -411,3 +462,23 @@ class PeerGPU:
                 )
         except httpx.TransportError as exc:
             raise PeerGPUUnavailable(f"the download of {artifact.path} broke: {exc}") from exc
+
+
+def _job_body(
+    command: Sequence[str],
+    *,
+    org_id: str | uuid.UUID | None,
+    gpu_models: Sequence[str] | None,
+    tags: Sequence[str] | None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A job spec as the server takes it (submit and estimate): ``None`` means "the server's
+    default", so it is left out."""
+    spec: dict[str, Any] = {
+        "command": list(command),
+        "org_id": str(org_id) if org_id is not None else None,
+        "gpu_models": list(gpu_models) if gpu_models is not None else None,
+        "tags": list(tags) if tags is not None else None,
+        **fields,
+    }
+    return {k: v for k, v in spec.items() if v is not None}

@@ -8,7 +8,7 @@ or newer server still parses. Money in ``*_micros`` fields is integer micro-doll
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -83,6 +83,7 @@ class Job(ApiModel):
     min_vram_mib: int = 0
     gpu_models: list[str] = Field(default_factory=list)
     max_price_per_gpu_hour_micros: int | None = None
+    max_cost_micros: int | None = None
     tags: list[str] = Field(default_factory=list)
     max_duration_seconds: int | None = None
     priority: int = 0
@@ -230,6 +231,177 @@ class EnrollmentToken(ApiModel):
     token: str
     command: str = ""
     expires_at: datetime | None = None
+
+
+# -- billing ---------------------------------------------------------------------------------
+# Amounts are integer micro-dollars (``*_micros``); the server adds ``*_usd`` strings for people.
+
+
+class Balance(ApiModel):
+    """A wallet (``user:<id>`` or ``org:<id>``): credit available, credit held by running jobs,
+    and its settings. ``None`` caps and top-ups are not set."""
+
+    wallet: str
+    available_micros: int = 0
+    held_micros: int = 0
+    available_usd: str = ""
+    held_usd: str = ""
+    monthly_cap_micros: int | None = None
+    monthly_cap_left_micros: int | None = None
+    auto_topup_below_micros: int | None = None
+    auto_topup_amount_micros: int | None = None
+    card_saved: bool = False
+
+
+class Transaction(ApiModel):
+    """One ledger transaction as it touched the wallet: the change to available and to held
+    credit (a hold moves credit from one to the other)."""
+
+    id: str
+    at: datetime | None = None
+    kind: str = ""
+    memo: str = ""
+    job_id: str | None = None
+    available_change_micros: int = 0
+    held_change_micros: int = 0
+    available_change_usd: str = ""
+
+
+class Charge(ApiModel):
+    """One attempt of a job on a host: what was held, then what was billed once it ended."""
+
+    attempt: int = 0
+    host_id: str | None = None
+    price_per_gpu_hour_micros: int = 0
+    gpu_count: int = 0
+    hold_micros: int = 0
+    settled_at: datetime | None = None
+    outcome: str | None = None
+    billed_seconds: int = 0
+    charged_micros: int = 0
+    reason: str = ""
+
+
+class Receipt(ApiModel):
+    """What a job cost: ``total_micros`` is charged minus refunded; ``settled`` once no
+    attempt holds credit any more."""
+
+    job_id: str
+    wallet: str = ""
+    state: str = ""
+    charges: list[Charge] = Field(default_factory=list)
+    held_micros: int = 0
+    charged_micros: int = 0
+    refunded_micros: int = 0
+    total_micros: int = 0
+    total_usd: str = ""
+    settled: bool = False
+
+
+class JobEstimate(ApiModel):
+    """What a job would cost if submitted now, at the cheapest eligible host. ``hold_micros``
+    is what the scheduler sets aside when it starts (``None`` when no host can run the job,
+    or its cost cap buys no time); ``enough_credit`` says whether the wallet covers it."""
+
+    wallet: str = ""
+    eligible_hosts: int = 0
+    free_hosts: int = 0
+    price_per_gpu_hour_micros: int | None = None
+    cost_per_hour_micros: int | None = None
+    run_seconds: int = 0
+    hold_micros: int | None = None
+    hold_usd: str | None = None
+    available_micros: int = 0
+    monthly_cap_left_micros: int | None = None
+    enough_credit: bool = False
+    message: str = ""
+
+
+class EarningDay(ApiModel):
+    day: date
+    jobs: int = 0
+    gpu_seconds: int = 0
+    earned_micros: int = 0
+    earned_usd: str = ""
+
+
+class Earnings(ApiModel):
+    """A host owner's earnings (after the platform fee): per day, payable now, paid out."""
+
+    payable_micros: int = 0
+    payable_usd: str = ""
+    paid_out_micros: int = 0
+    days: list[EarningDay] = Field(default_factory=list)
+
+
+class Checkout(ApiModel):
+    """A card top-up waiting for payment: send the buyer to ``url``. The wallet is credited
+    when the payment goes through, not before."""
+
+    id: str
+    url: str
+    wallet: str = ""
+    amount_micros: int = 0
+    amount_usd: str = ""
+
+
+class PayoutAccount(ApiModel):
+    """A host owner's Stripe account for payouts, and what is payable now."""
+
+    onboarded: bool = False
+    stripe_account_id: str | None = None
+    details_submitted: bool = False
+    payouts_enabled: bool = False
+    payable_micros: int = 0
+    payable_usd: str = ""
+    payout_min_micros: int = 0
+    payout_min_usd: str = ""
+
+
+class OnboardingLink(ApiModel):
+    """Stripe's onboarding page for a host owner; the link works once, briefly."""
+
+    url: str
+    stripe_account_id: str = ""
+    expires_at: datetime | None = None
+
+
+class Payout(ApiModel):
+    """Earnings paid to the host owner's Stripe account: ``pending`` (Stripe's answer
+    awaited; retried by the server), ``paid``, ``failed`` or ``reversed``."""
+
+    id: str
+    amount_micros: int = 0
+    amount_usd: str = ""
+    state: str = ""
+    stripe_transfer_id: str | None = None
+    reversed_micros: int = 0
+    message: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class Posted(ApiModel):
+    """Ledger transactions an admin asked for (a grant, a refund). ``transaction_ids`` is
+    empty when a retried grant was already booked."""
+
+    transaction_ids: list[str] = Field(default_factory=list)
+    amount_micros: int = 0
+    amount_usd: str = ""
+    wallet: str = ""
+
+
+class LedgerCheck(ApiModel):
+    """Every balance re-derived from the ledger's entries; ``ok`` when nothing disagrees."""
+
+    ok: bool
+    transactions: int = 0
+    accounts: int = 0
+    total_micros: int = 0
+    unbalanced_transactions: list[str] = Field(default_factory=list)
+    stale_balances: list[dict[str, Any]] = Field(default_factory=list)
+    holds_mismatched: list[dict[str, Any]] = Field(default_factory=list)
+    negative_accounts: list[dict[str, Any]] = Field(default_factory=list)
 
 
 def dollars_to_micros(dollars: Decimal | str | float | int) -> int:

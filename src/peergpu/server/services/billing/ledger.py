@@ -92,7 +92,7 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
     now = utcnow()
     ids = {p.key: uuid.uuid4() for p in postings}
     inserted = await session.execute(
-        _insert_ignoring_duplicates(session, LedgerTransactionModel, "idempotency_key").returning(
+        insert_ignoring_duplicates(session, LedgerTransactionModel, "idempotency_key").returning(
             LedgerTransactionModel.id
         ),
         [
@@ -149,9 +149,7 @@ async def ensure_accounts(session: AsyncSession, codes: Iterable[str]) -> None:
             }
         )
     if rows:
-        await session.execute(
-            _insert_ignoring_duplicates(session, LedgerAccountModel, "code"), rows
-        )
+        await session.execute(insert_ignoring_duplicates(session, LedgerAccountModel, "code"), rows)
 
 
 async def balances(session: AsyncSession, codes: Iterable[str]) -> dict[str, int]:
@@ -230,7 +228,8 @@ async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, 
         )
 
 
-def _insert_ignoring_duplicates(session: AsyncSession, model: Any, column: str) -> Any:
+def insert_ignoring_duplicates(session: AsyncSession, model: Any, column: str) -> Any:
+    """``INSERT ... ON CONFLICT (column) DO NOTHING`` for the session's database."""
     dialect = postgresql if _dialect(session) == "postgresql" else sqlite
     return dialect.insert(model).on_conflict_do_nothing(index_elements=[column])
 
