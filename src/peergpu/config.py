@@ -104,6 +104,11 @@ class ServerSettings(BaseSettings):
     payout_min_micros: int = Field(
         default=10_000_000, ge=10_000, description="smallest host payout (Stripe Transfer)"
     )
+    payout_auto_threshold_micros: int = Field(
+        default=0,
+        ge=0,
+        description="pay hosts out automatically once payable reaches this; 0 = off",
+    )
     stripe_secret_key: SecretStr = SecretStr("")
     stripe_webhook_secret: SecretStr = Field(
         default=SecretStr(""),

@@ -258,3 +258,28 @@ async def test_concurrent_payouts_cannot_spend_the_same_earnings(billing: Billin
     assert statuses == [201, 402, 402], [r.text for r in responses]
     assert await billing.payable(host) == 10_000_000
     assert len(billing.fake.calls("POST", "/v1/transfers")) == 1
+
+
+async def test_hosts_over_the_threshold_are_paid_out_automatically(billing: Billing) -> None:
+    rich, poor, unboarded = await _host(billing), await _host(billing), await _host(billing)
+    for host in (rich, poor):
+        await billing.onboard(host)
+    await billing.give_payable(rich, 30_004_321)
+    await billing.give_payable(poor, 5_000_000)
+    await billing.give_payable(unboarded, 90_000_000)
+    context = billing.context
+    off = await payouts.pay_out_above_threshold(context=context)
+    assert off == 0  # the threshold is 0: automatic payouts are off
+    context.settings.payout_auto_threshold_micros = 20_000_000
+    try:
+        assert await payouts.pay_out_above_threshold(context=context) == 1
+        assert await payouts.pay_out_above_threshold(context=context) == 0  # nothing left
+    finally:
+        context.settings.payout_auto_threshold_micros = 0
+    assert await billing.payable(rich) == 4_321  # whole cents only
+    assert await billing.payable(poor) == 5_000_000
+    assert await billing.payable(unboarded) == 90_000_000
+    [transfer] = billing.fake.calls("POST", "/v1/transfers")
+    assert transfer.params["amount"] == "3000"
+    listed = (await billing.client.get(PAYOUTS, headers=rich.headers)).json()
+    assert [(p["state"], p["amount_micros"]) for p in listed["data"]] == [("paid", 30_000_000)]

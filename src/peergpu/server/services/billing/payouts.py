@@ -27,9 +27,10 @@ from peergpu.config import ServerSettings
 from peergpu.errors import Conflict, InvalidInput, PaymentRequired, PeerGPUError, PermissionDenied
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.billing_models import PayoutAccountModel, PayoutModel
+from peergpu.server.db.billing_models import LedgerAccountModel, PayoutAccountModel, PayoutModel
 from peergpu.server.security.principal import Principal
 from peergpu.server.services.billing import accounts, ledger, postings
+from peergpu.server.services.billing.accounts import AccountKind
 from peergpu.server.services.billing.ledger import insert_ignoring_duplicates
 from peergpu.server.services.billing.postings import MICROS_PER_CENT
 from peergpu.server.services.billing.stripe_gateway import (
@@ -148,29 +149,80 @@ async def request_payout(
             "(POST /api/v1/host/payout-account).",
             code="payouts_not_enabled",
         )
-    payable_code = accounts.host_payable(principal.user_id)
+    payout = await _book_and_send(session, settings, account=account, amount_micros=amount_micros)
+    if payout.state == "failed":
+        raise Conflict(
+            payout.message,
+            code="payout_failed",
+            details={"payout_id": str(payout.id), "amount_micros": payout.amount_micros},
+        )
+    return payout
+
+
+async def pay_out_above_threshold(*, context: ServerContext, limit: int = 100) -> int:
+    """Automatic payouts: every onboarded host owner whose payable balance reached
+    ``payout_auto_threshold_micros`` is paid all of it (whole cents). Returns how many payouts
+    were started. Off when the threshold is 0. Safe on every replica at once: the payable
+    account is locked while a payout is booked, and the ledger refuses an overdraft."""
+    settings = context.settings
+    threshold = settings.payout_auto_threshold_micros
+    if not threshold or not settings.stripe_enabled:
+        return 0
+    started = 0
+    async with context.sessionmaker() as session:
+        owners = list(
+            await session.scalars(
+                select(LedgerAccountModel.owner)
+                .where(
+                    LedgerAccountModel.kind == AccountKind.host_payable.value,
+                    LedgerAccountModel.balance_micros >= max(threshold, settings.payout_min_micros),
+                )
+                .limit(limit)
+            )
+        )
+        user_ids = [uuid.UUID(owner.removeprefix("user:")) for owner in owners]
+        ready = list(
+            await session.scalars(
+                select(PayoutAccountModel).where(
+                    PayoutAccountModel.user_id.in_(user_ids),
+                    PayoutAccountModel.payouts_enabled.is_(True),
+                )
+            )
+        )
+        await session.commit()
+        for account in ready:
+            try:
+                await _book_and_send(session, settings, account=account, amount_micros=None)
+                started += 1
+            except PeerGPUError as exc:  # below the minimum after a race; try again later
+                await session.rollback()
+                logger.info("automatic payout to %s skipped: %s", account.user_id, exc.message)
+    return started
+
+
+async def _book_and_send(
+    session: AsyncSession,
+    settings: ServerSettings,
+    *,
+    account: PayoutAccountModel,
+    amount_micros: int | None,
+) -> PayoutModel:
+    """Book ``host payable -> clearing`` with the payout row, commit, then send the Transfer."""
+    user_id = account.user_id
+    payable_code = accounts.host_payable(user_id)
     payable = (await ledger.lock_accounts(session, [payable_code]))[payable_code]
     amount = _check_amount(settings, amount_micros, payable)
     payout = PayoutModel(
         id=uuid.uuid4(),
-        user_id=principal.user_id,
+        user_id=user_id,
         stripe_account_id=account.stripe_account_id,
         amount_micros=amount,
         state="pending",
     )
     session.add(payout)
-    await ledger.post(
-        session, postings.payout(user_id=principal.user_id, amount=amount, payout_id=payout.id)
-    )
+    await ledger.post(session, postings.payout(user_id=user_id, amount=amount, payout_id=payout.id))
     await session.commit()
-    payout = await _send(session, settings, payout)
-    if payout.state == "failed":
-        raise Conflict(
-            payout.message,
-            code="payout_failed",
-            details={"payout_id": str(payout.id), "amount_micros": amount},
-        )
-    return payout
+    return await _send(session, settings, payout)
 
 
 async def retry_pending_payouts(

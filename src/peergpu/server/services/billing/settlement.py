@@ -284,11 +284,13 @@ async def _after_settlement(context: ServerContext, wallets: list[str]) -> None:
 
 async def _retry_stripe_work(context: ServerContext) -> None:
     """Payouts whose transfer had no answer, and automatic top-ups left in flight, are sent
-    again with the same idempotency keys. Never raises."""
+    again with the same idempotency keys; hosts over the automatic payout threshold are paid.
+    Never raises."""
     if not context.settings.stripe_enabled:
         return
     try:
         await payouts.retry_pending_payouts(context=context)
+        await payouts.pay_out_above_threshold(context=context)
         async with context.sessionmaker() as session:
             stuck = list(
                 await session.scalars(
