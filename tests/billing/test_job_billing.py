@@ -3,6 +3,7 @@ server's clock, who pays for what, cost caps, monthly caps, refunds, replays."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -245,3 +246,46 @@ async def test_an_admin_refund_reverses_the_charge_once(context: ServerContext) 
     async with context.sessionmaker() as session:
         with pytest.raises(Conflict):
             await admin.refund_job(session=session, job_id=job, memo="", actor_id=None)
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
+async def test_replicas_settling_at_once_neither_deadlock_nor_settle_twice(
+    context: ServerContext,
+) -> None:
+    """Three settlement sweeps at once (three replicas) over charges that all touch the same
+    platform and host accounts: every attempt settled once, no deadlock, balanced books."""
+    renters = [await make_renter(context, credit=10_000_000) for _ in range(6)]
+    owner = await make_renter(context, credit=0)
+    await make_host(context, owner, price=PRICE, gpus=[("T4", 16000)] * 36)
+    jobs = [await make_job(context, renters[i % 6]) for i in range(36)]
+    while len((await scheduler.schedule_once(context)).assigned) > 0:
+        pass
+    for job in jobs:
+        await _end(context, job, "succeeded", ran=10)
+
+    async def replica() -> int:
+        settled = 0
+        while (result := await settlement.settle_open(context, limit=4)).settled:
+            settled += result.settled
+        return settled
+
+    counts = await asyncio.gather(replica(), replica(), replica())
+    assert sum(counts) == 36
+    payable = accounts.host_payable(owner)
+    assert (await _balances(context, payable))[payable] == 36 * 10_000 * 9 // 10
+    async with context.sessionmaker() as session:
+        assert (await ledger.check(session)).ok
+
+
+async def test_a_job_nobody_pays_for_leaves_the_gpu_to_the_next_one(
+    context: ServerContext,
+) -> None:
+    broke = await make_renter(context, credit=1)  # passes the submit check, not the hold
+    funded = await make_renter(context)
+    owner = await make_renter(context, credit=0)
+    await make_host(context, owner, price=PRICE, gpus=[("T4", 16000)])
+    stuck = await make_job(context, broke)  # older: first in the queue
+    paid = await make_job(context, funded)
+    result = await scheduler.schedule_once(context)
+    assert [a.job_id for a in result.assigned] == [paid]
+    assert "Waiting for credit" in (await get_job(context, stuck)).message

@@ -134,21 +134,12 @@ async def schedule_once(context: ServerContext) -> PassResult:
         if not jobs:
             await session.rollback()
             return PassResult(assigned=[], considered=0)
-        ranked = sorted(hosts.values(), key=lambda h: (h.price, -h.reliability, h.busy))
-        matches: list[_Match] = []
-        for job in jobs:
-            choice = _match(job, ranked)
-            if choice is None:
-                continue
-            host, gpus = choice
-            taken = set(gpus)
-            host.free = [g for g in host.free if g not in taken]
-            host.busy += len(gpus)
-            matches.append(_Match(job, host, gpus))
+        budget = await holds.open_budget(session, {_wallet(job) for job in jobs})
+        matches, waiting = _match_all(jobs, hosts, budget)
+        await holds.note_waiting(session, waiting)
         if not matches:
-            await session.rollback()
+            await (session.commit() if waiting else session.rollback())
             return PassResult(assigned=[], considered=len(jobs))
-        matches = await _fund(session, matches)
         matches = await _claim(session, matches)
         now = utcnow()
         deadline = now + timedelta(seconds=context.settings.manifest_ack_timeout_seconds)
@@ -265,30 +256,44 @@ def _match(job: JobModel, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None
     return None
 
 
-async def _fund(session: AsyncSession, matches: list[_Match]) -> list[_Match]:
-    """The matches whose wallets can pay the hold (see ``billing.holds``); the others stay
-    queued with a message saying why."""
-    for match in matches:
-        job = match.job
-        match.hold = holds.HoldRequest(
+def _match_all(
+    jobs: list[JobModel], hosts: dict[uuid.UUID, _Host], budget: holds.Budget
+) -> tuple[list[_Match], dict[uuid.UUID, str]]:
+    """Match the batch in queue order. A job takes its GPUs only if its wallet can pay the
+    hold on the chosen host; otherwise it stays queued with the reason, and its GPUs stay free
+    for the jobs behind it."""
+    ranked = sorted(hosts.values(), key=lambda h: (h.price, -h.reliability, h.busy))
+    matches: list[_Match] = []
+    waiting: dict[uuid.UUID, str] = {}
+    for job in jobs:
+        choice = _match(job, ranked)
+        if choice is None:
+            continue
+        host, gpus = choice
+        request = holds.HoldRequest(
             job_id=job.id,
             attempt=job.attempt + 1,
-            wallet=billing_accounts.wallet_of(owner_id=job.owner_id, org_id=job.org_id),
-            host_id=match.host.id,
-            host_owner_id=match.host.owner_id,
-            price_per_gpu_hour_micros=match.host.price,
+            wallet=_wallet(job),
+            host_id=host.id,
+            host_owner_id=host.owner_id,
+            price_per_gpu_hour_micros=host.price,
             gpu_count=job.gpu_count,
             max_duration_seconds=job.max_duration_seconds,
             max_cost_micros=job.max_cost_micros,
         )
-    funded, waiting = await holds.fund(session, [m.hold for m in matches if m.hold])
-    await holds.note_waiting(session, waiting)
-    kept = []
-    for match in matches:
-        match.plan = funded.get(match.job.id)
-        if match.plan is not None:
-            kept.append(match)
-    return kept
+        plan = budget.take(request)
+        if isinstance(plan, str):
+            waiting[job.id] = plan
+            continue
+        taken = set(gpus)
+        host.free = [g for g in host.free if g not in taken]
+        host.busy += len(gpus)
+        matches.append(_Match(job, host, gpus, request, plan))
+    return matches, waiting
+
+
+def _wallet(job: JobModel) -> str:
+    return billing_accounts.wallet_of(owner_id=job.owner_id, org_id=job.org_id)
 
 
 def claim_statement(claims: dict[uuid.UUID, uuid.UUID]) -> Any:

@@ -6,19 +6,20 @@ also shortens the run time sent to the host so the job stops at the cap). A wall
 monthly spending cap must also stay under it, counting what it was charged this month and
 what it holds now.
 
-:func:`fund` decides, for a whole pass, which matched jobs can be paid for (wallets in queue
-order: the first jobs of a wallet get its credit first); :func:`place` books the holds and the
-``job_charges`` rows for the jobs that were really assigned. Both run in the scheduler's
-transaction; on PostgreSQL the wallets' accounts stay locked from :func:`fund` to the commit,
-so nothing else spends the credit in between. Jobs that cannot be paid for stay queued, with
-a message saying why (:func:`note_waiting`).
+:func:`open_budget` reads (and locks) the credit of a pass's wallets; the scheduler asks the
+:class:`Budget` for each job as it matches it, in queue order, so a wallet's first jobs get
+its credit first and a job nobody pays for never takes a GPU from one that is paid for.
+:func:`place` books the holds and the ``job_charges`` rows of the jobs really assigned. All of
+it runs in the scheduler's transaction; on PostgreSQL the wallets' accounts stay locked from
+:func:`open_budget` to the commit. Jobs that cannot be paid for stay queued, with a message
+saying why (:func:`note_waiting`).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -68,44 +69,47 @@ def plan(request: HoldRequest) -> HoldPlan | None:
     return HoldPlan(amount=amount, run_seconds=run_seconds)
 
 
-async def fund(
-    session: AsyncSession, requests: Sequence[HoldRequest]
-) -> tuple[dict[uuid.UUID, HoldPlan], dict[uuid.UUID, str]]:
-    """``(funded, waiting)``: the plan of every request its wallet can pay for, and a message
-    for every one it cannot. Locks the wallets' accounts (PostgreSQL) until the commit."""
-    wallets = sorted({r.wallet for r in requests})
-    codes = [code for w in wallets for code in (accounts.available(w), accounts.held(w))]
-    balance = await ledger.lock_accounts(session, codes)
-    room = await cap_room(session, wallets)
-    funded: dict[uuid.UUID, HoldPlan] = {}
-    waiting: dict[uuid.UUID, str] = {}
-    left = {w: balance.get(accounts.available(w), 0) for w in wallets}
-    for request in requests:
+class Budget:
+    """The credit and monthly-cap room of a pass's wallets, spent in queue order."""
+
+    def __init__(self, available: dict[str, int], room: dict[str, int]) -> None:
+        self._left = dict(available)
+        self._room = dict(room)
+
+    def take(self, request: HoldRequest) -> HoldPlan | str:
+        """The attempt's plan, its hold now spent from the wallet; or why it must wait."""
         hold = plan(request)
         if hold is None:
-            waiting[request.job_id] = (
-                "Waiting: the job's cost cap buys no time on the cheapest free host."
-            )
-            continue
+            return "Waiting: the job's cost cap buys no time on the cheapest free host."
         wallet = request.wallet
-        if hold.amount > left[wallet]:
-            waiting[request.job_id] = (
+        left = self._left.get(wallet, 0)
+        if hold.amount > left:
+            return (
                 f"Waiting for credit: this job needs a hold of {ledger.format_usd(hold.amount)}"
-                f" and {ledger.format_usd(max(left[wallet], 0))} is available. Top up with"
+                f" and {ledger.format_usd(max(left, 0))} is available. Top up with"
                 " `peergpu billing topup`."
             )
-            continue
-        if wallet in room and hold.amount > room[wallet]:
-            waiting[request.job_id] = (
-                f"Waiting: the monthly spending cap leaves {ledger.format_usd(room[wallet])}"
+        room = self._room.get(wallet)
+        if room is not None and hold.amount > room:
+            return (
+                f"Waiting: the monthly spending cap leaves {ledger.format_usd(room)}"
                 f" and this job needs a hold of {ledger.format_usd(hold.amount)}."
             )
-            continue
-        left[wallet] -= hold.amount
-        if wallet in room:
-            room[wallet] -= hold.amount
-        funded[request.job_id] = hold
-    return funded, waiting
+        self._left[wallet] = left - hold.amount
+        if room is not None:
+            self._room[wallet] = room - hold.amount
+        return hold
+
+
+async def open_budget(session: AsyncSession, wallets: Iterable[str]) -> Budget:
+    """The wallets' credit and cap room, their accounts (available and held) locked in code
+    order until the transaction ends (PostgreSQL), so nothing else spends the credit before
+    the holds are booked."""
+    ordered = sorted(set(wallets))
+    codes = [code for w in ordered for code in (accounts.available(w), accounts.held(w))]
+    balance = await ledger.lock_accounts(session, codes)
+    available = {w: balance.get(accounts.available(w), 0) for w in ordered}
+    return Budget(available, await cap_room(session, ordered))
 
 
 async def place(

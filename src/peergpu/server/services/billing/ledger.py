@@ -8,8 +8,8 @@ Contract of :func:`post_many`:
 - each account's cached ``balance_micros`` moves by the sum of its entries in the same
   transaction; an account that may not go negative and would is refused with
   :class:`InsufficientFunds` (the caller rolls back);
-- on PostgreSQL the touched accounts are locked in code order first, so two concurrent batches
-  never deadlock on each other's accounts.
+- on PostgreSQL the touched accounts are locked in code order (``FOR NO KEY UPDATE``) before
+  anything is written, so two concurrent batches never deadlock on each other's accounts.
 
 Accounts are created on first use from their code (see :mod:`.accounts`).
 """
@@ -88,7 +88,13 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
     keys = [p.key for p in postings]
     if len(set(keys)) != len(keys):
         raise ValueError("two postings in one batch share an idempotency key")
-    await ensure_accounts(session, {code for p in postings for code, _ in p.entries})
+    codes = {code for p in postings for code, _ in p.entries}
+    await ensure_accounts(session, codes)
+    # Lock every account first, in code order, and before the entries' foreign keys take
+    # their KEY SHARE locks: FOR NO KEY UPDATE does not conflict with those, and one global
+    # order means two batches touching the same accounts (platform:fees, a busy wallet) wait
+    # for each other instead of deadlocking.
+    await _lock_in_order(session, codes)
     now = utcnow()
     ids = {p.key: uuid.uuid4() for p in postings}
     inserted = await session.execute(
@@ -166,16 +172,28 @@ async def balances(session: AsyncSession, codes: Iterable[str]) -> dict[str, int
 
 async def lock_accounts(session: AsyncSession, codes: Iterable[str]) -> dict[str, int]:
     """Balances of ``codes``, locked until the transaction ends (PostgreSQL; SQLite has one
-    writer anyway). Locks are taken in code order."""
+    writer anyway). Locks are taken in code order. A caller that posts afterwards must lock
+    here every account its postings will touch: locking some now and others later can
+    deadlock with a posting that takes them all in order."""
     wanted = sorted(set(codes))
     await ensure_accounts(session, wanted)
     rows = await session.execute(
         select(LedgerAccountModel.code, LedgerAccountModel.balance_micros)
         .where(LedgerAccountModel.code.in_(wanted))
         .order_by(LedgerAccountModel.code)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
     return {code: int(balance) for code, balance in rows}
+
+
+async def _lock_in_order(session: AsyncSession, codes: Iterable[str]) -> None:
+    if _dialect(session) == "postgresql":
+        await session.execute(
+            select(LedgerAccountModel.code)
+            .where(LedgerAccountModel.code.in_(sorted(set(codes))))
+            .order_by(LedgerAccountModel.code)
+            .with_for_update(key_share=True)
+        )
 
 
 async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, now: Any) -> None:
@@ -188,13 +206,6 @@ async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, 
     touched = sorted(code for code, delta in deltas.items() if delta)
     if not touched:
         return
-    if _dialect(session) == "postgresql":
-        await session.execute(
-            select(LedgerAccountModel.code)
-            .where(LedgerAccountModel.code.in_(touched))
-            .order_by(LedgerAccountModel.code)
-            .with_for_update()
-        )
     short: list[dict[str, Any]] = []
     for start in range(0, len(touched), _CHUNK):
         chunk = touched[start : start + _CHUNK]

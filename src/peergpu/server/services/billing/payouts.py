@@ -210,7 +210,9 @@ async def _book_and_send(
     """Book ``host payable -> clearing`` with the payout row, commit, then send the Transfer."""
     user_id = account.user_id
     payable_code = accounts.host_payable(user_id)
-    payable = (await ledger.lock_accounts(session, [payable_code]))[payable_code]
+    # Lock every account the payout posting touches, in order (see ledger.lock_accounts).
+    locked = await ledger.lock_accounts(session, [payable_code, accounts.STRIPE_CLEARING])
+    payable = locked[payable_code]
     amount = _check_amount(settings, amount_micros, payable)
     payout = PayoutModel(
         id=uuid.uuid4(),

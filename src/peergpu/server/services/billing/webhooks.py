@@ -128,7 +128,11 @@ async def apply_event(session: AsyncSession, event: Event) -> WebhookResult:
         )
         return WebhookResult(event_id, event_type, duplicate=True, outcome=outcome or "")
     handler = _HANDLERS.get(event_type)
-    outcome = await handler(session, event["data"]["object"]) if handler else "ignored"
+    if event.get("account") and event_type not in _CONNECT_EVENTS:
+        # Events from connected accounts (hosts' Express accounts) never move renters' money.
+        outcome = "ignored: a connected account's event"
+    else:
+        outcome = await handler(session, event["data"]["object"]) if handler else "ignored"
     await session.execute(
         update(StripeEventModel)
         .where(StripeEventModel.id == event_id)
@@ -137,6 +141,10 @@ async def apply_event(session: AsyncSession, event: Event) -> WebhookResult:
     await session.commit()
     logger.info("stripe event %s (%s): %s", event_id, event_type, outcome)
     return WebhookResult(event_id, event_type, duplicate=False, outcome=outcome)
+
+
+#: Event types we accept from connected accounts (the Connect endpoint).
+_CONNECT_EVENTS = frozenset({"account.updated"})
 
 
 # --- checkout -------------------------------------------------------------------------------
@@ -210,6 +218,13 @@ async def _payment_intent_succeeded(session: AsyncSession, obj: StripeObject) ->
         return "ignored: no wallet in metadata"
     outcomes = []
     amount = _int(obj, "amount_received") * MICROS_PER_CENT
+    customer = await session.scalar(
+        select(BillingProfileModel.stripe_customer_id).where(BillingProfileModel.wallet == wallet)
+    )
+    if customer is None or customer != _ref(obj, "customer"):
+        # Metadata is not proof: only a payment by the customer we created for this wallet
+        # credits it.
+        return "ignored: not this wallet's customer"
     if metadata.get("purpose") == "auto_topup" and _str(obj, "currency") == "usd" and amount > 0:
         posted = await ledger.post(
             session,
@@ -272,7 +287,8 @@ async def _charge_refunded(session: AsyncSession, obj: StripeObject) -> str:
     if wallet is None:
         return "no credited payment for this charge"
     # Serializes refund events of one wallet, so two steps never both count the same cents.
-    await ledger.lock_accounts(session, [accounts.available(wallet)])
+    # Every account the posting touches is locked now, in order (see ledger.lock_accounts).
+    await ledger.lock_accounts(session, [accounts.available(wallet), accounts.STRIPE_CLEARING])
     prefix = f"stripe:{charge}:refunded:"
     keys = await session.scalars(
         select(LedgerTransactionModel.idempotency_key).where(
@@ -301,6 +317,8 @@ async def _dispute_created(session: AsyncSession, obj: StripeObject) -> str:
     wallet = await _credited_wallet(session, _ref(obj, "payment_intent"))
     if wallet is None:
         return "no credited payment for this dispute"
+    if str(obj.get("status", "")).startswith("warning_"):
+        return "inquiry: no money withdrawn"  # an inquiry closes as warning_closed, not won
     amount = _int(obj, "amount") * MICROS_PER_CENT
     if amount <= 0:
         return "nothing disputed"
