@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.billing_models import BillingProfileModel, JobChargeModel
-from peergpu.server.db.job_models import JobModel
+from peergpu.server.db.job_models import JobModel, JobState
 from peergpu.server.services import scheduler
 from peergpu.server.services.billing import accounts, admin, ledger, settlement
 from tests.unit.scheduling import get_job, make_host, make_job, make_renter
@@ -289,3 +289,34 @@ async def test_a_job_nobody_pays_for_leaves_the_gpu_to_the_next_one(
     result = await scheduler.schedule_once(context)
     assert [a.job_id for a in result.assigned] == [paid]
     assert "Waiting for credit" in (await get_job(context, stuck)).message
+
+
+async def test_a_job_its_host_stopped_is_requeued_and_costs_nothing(
+    context: ServerContext,
+) -> None:
+    from peergpu.protocol.messages import JobStatus
+    from peergpu.server.services import job_reports
+
+    renter = await make_renter(context, credit=10_000_000)
+    owner = await make_renter(context, credit=0)
+    host = await make_host(context, owner, price=PRICE, gpus=[("T4", 16000)])
+    job = await make_job(context, renter, max_retries=1)
+    await scheduler.schedule_once(context)
+    stop = [
+        job_reports.Report(host, JobStatus(job_id=job, state="running")),
+        job_reports.Report(
+            host, JobStatus(job_id=job, state="cancelled", failure_reason="cancelled")
+        ),
+    ]
+    async with context.sessionmaker() as session:  # the agent shut down mid-job
+        applied = await job_reports.apply_reports(session, stop)
+        await session.commit()
+    assert (job, JobState.queued) in applied.changes and applied.requeued
+    requeued = await get_job(context, job)
+    assert (requeued.state, requeued.host_id, requeued.excluded_host_ids) == ("queued", None, [])
+    await settlement.settle_open(context)
+    charge = await _charge(context, job)
+    assert (charge.outcome, charge.charged_micros) == ("released", 0)
+    wallet = accounts.user_wallet(renter)
+    got = await _balances(context, accounts.available(wallet))
+    assert got[accounts.available(wallet)] == 10_000_000

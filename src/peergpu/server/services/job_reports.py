@@ -143,6 +143,28 @@ async def announce(context: ServerContext, applied: Applied) -> None:
         task.add_done_callback(_background.discard)
 
 
+async def _requeue_stopped(
+    session: AsyncSession, stopped: list[tuple[uuid.UUID, JobState]], applied: Applied
+) -> None:
+    """Jobs their host stopped on its own: back to the queue (or failed, without retries)."""
+    for job_id, state in stopped:  # rare (an agent shutting down): one at a time is fine
+        job = await session.get(JobModel, job_id, populate_existing=True)
+        if job is None:
+            continue
+        new_state = await job_states.requeue_or_fail(
+            session,
+            job,
+            expected=state,
+            reason="host_stopped",
+            message="The host stopped the job (its agent shut down); it is not charged.",
+            exclude_host=False,
+        )
+        if new_state is not None:
+            applied.changes.append((job_id, new_state))
+            applied.requeued = applied.requeued or new_state is JobState.queued
+            applied.freed_gpus = True
+
+
 async def _apply_acks(
     session: AsyncSession,
     acks: list[tuple[uuid.UUID, ManifestAck]],
@@ -249,6 +271,7 @@ async def _apply_finals(
         )
     }
     ended: list[tuple[uuid.UUID, uuid.UUID]] = []
+    stopped: list[tuple[uuid.UUID, JobState]] = []
     rows: list[dict[str, Any]] = []
     endings: list[tuple[uuid.UUID, JobStatus, JobState, JobState]] = []
     for host_id, status in reports:
@@ -264,7 +287,13 @@ async def _apply_finals(
             "cpu_seconds": status.cpu_seconds,
             "last_log_seq": status.last_log_seq,
         }
-        if state in ACTIVE_STATES:
+        if state in ACTIVE_STATES and final is JobState.cancelled:
+            # The renter's cancel ends the job on the server first; a job still active that
+            # its host reports cancelled was stopped by the host (its agent shut down): a host
+            # fault, so it goes back to the queue and the renter pays nothing.
+            stopped.append((status.job_id, state))
+            current[status.job_id] = (host_id, JobState.lost, started_at)
+        elif state in ACTIVE_STATES:
             failure = status.failure_reason if final is not JobState.succeeded else None
             rows.append(
                 {
@@ -289,6 +318,7 @@ async def _apply_finals(
                     .execution_options(synchronize_session=False)
                 )
         ended.append((status.job_id, host_id))
+    await _requeue_stopped(session, stopped, applied)
     for host_id, status, state, final in await _end_jobs(session, rows, endings, now):
         applied.changes.append((status.job_id, final))
         events.append(
