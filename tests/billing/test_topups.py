@@ -190,7 +190,9 @@ async def test_auto_topup_fires_once_below_the_threshold(billing: Billing) -> No
     assert len(billing.fake.calls("POST", "/v1/payment_intents")) == 1
 
 
-async def test_a_declined_auto_topup_frees_the_wallet_for_the_next_try(billing: Billing) -> None:
+async def test_a_declined_card_is_not_charged_again_until_a_new_card_is_saved(
+    billing: Billing,
+) -> None:
     wallet, _card = await _save_card_and_enable_auto_topup(billing)
     billing.fake.fail_next(
         "/v1/payment_intents",
@@ -203,8 +205,16 @@ async def test_a_declined_auto_topup_frees_the_wallet_for_the_next_try(billing: 
     assert await topups.auto_topup_if_low(context=billing.context, wallets=[wallet]) == []
     async with billing.context.sessionmaker() as session:
         profile = await session.get(BillingProfileModel, wallet)
-        assert profile is not None and profile.auto_topup_pending_id is None
+        assert profile is not None and profile.auto_topup_pending_id
+        assert profile.auto_topup_pending_id.startswith(topups.DECLINED_PREFIX)
     assert await billing.balance(f"{wallet}:available") == 10_000_000
+    # Every later settlement would ask again: the declined card is left alone.
+    assert await topups.auto_topup_if_low(context=billing.context, wallets=[wallet]) == []
+    assert len(billing.fake.calls("POST", "/v1/payment_intents")) == 1
+    # A card saved again (Stripe reports a payment set up for later use) lifts the pause.
+    [first_payment] = [o for o in billing.fake.objects.values() if o["object"] == "payment_intent"]
+    ack = await billing.send_event("payment_intent.succeeded", first_payment)
+    assert ack["outcome"] == "card saved"
     assert len(await topups.auto_topup_if_low(context=billing.context, wallets=[wallet])) == 1
 
 
@@ -250,3 +260,14 @@ async def test_an_org_api_key_tops_up_only_its_org(billing: Billing) -> None:
         CHECKOUT, json={"amount_micros": 5_000_000, "org_id": other_org}, headers=headers
     )
     assert_error(elsewhere, 404)
+
+
+async def test_the_upkeep_loop_finds_wallets_under_their_threshold(billing: Billing) -> None:
+    from peergpu.server.services.billing import upkeep
+
+    wallet, _card = await _save_card_and_enable_auto_topup(billing)  # $10 under a $20 line
+    await upkeep.upkeep_once(billing.context)
+    [sent] = billing.fake.calls("POST", "/v1/payment_intents")
+    assert sent.params["metadata"]["wallet"] == wallet
+    await upkeep.upkeep_once(billing.context)  # under way: not a second charge
+    assert len(billing.fake.calls("POST", "/v1/payment_intents")) == 1

@@ -37,6 +37,7 @@ from peergpu.server.api.middleware import BodySizeLimitMiddleware, SecurityHeade
 from peergpu.server.context import ServerContext
 from peergpu.server.db import migrate
 from peergpu.server.services.billing.settlement import run_settlement
+from peergpu.server.services.billing.upkeep import run_payments_upkeep
 from peergpu.server.services.scheduler import run_scheduler
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 if settings.scheduler_enabled
                 else None
             )
+            upkeep = (
+                asyncio.create_task(run_payments_upkeep(context), name="payments-upkeep")
+                if settings.scheduler_enabled and settings.stripe_enabled
+                else None
+            )
             logger.info(
                 "PeerGPU %s ready: database=%s bus=%s",
                 __version__,
@@ -83,11 +89,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             try:
                 yield
             finally:
-                for task in (sweeper, scheduler, settler):
+                for task in (sweeper, scheduler, settler, upkeep):
                     if task is not None:
                         task.cancel()
                 await app.state.hub.close_all()
-                for task in (sweeper, scheduler, settler):
+                for task in (sweeper, scheduler, settler, upkeep):
                     if task is not None:
                         with contextlib.suppress(asyncio.CancelledError):
                             await task

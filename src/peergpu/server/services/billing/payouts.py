@@ -227,17 +227,28 @@ async def _book_and_send(
     return await _send(session, settings, payout)
 
 
+#: How long after booking a pending payout may be re-sent (inside Stripe's idempotency window).
+RESEND_WINDOW = timedelta(hours=23)
+
+
 async def retry_pending_payouts(
     *, context: ServerContext, min_age: timedelta = RETRY_MIN_AGE, limit: int = 100
 ) -> int:
     """Re-send pending payouts (same idempotency key, so never a second transfer); returns how
     many got a definitive answer. Safe to run on every replica at once."""
-    cutoff = utcnow() - min_age
+    now = utcnow()
+    cutoff = now - min_age
     async with context.sessionmaker() as session:
         pending = list(
             await session.scalars(
                 select(PayoutModel)
-                .where(PayoutModel.state == "pending", PayoutModel.created_at <= cutoff)
+                .where(
+                    PayoutModel.state == "pending",
+                    PayoutModel.created_at <= cutoff,
+                    # Stripe keeps idempotency keys for 24 hours: an older payout re-sent
+                    # could make a second transfer, so it is left for an operator.
+                    PayoutModel.created_at > now - RESEND_WINDOW,
+                )
                 .order_by(PayoutModel.created_at)
                 .limit(limit)
             )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,9 +34,9 @@ from peergpu.errors import ServiceUnavailable
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.billing_models import BillingProfileModel, JobChargeModel
+from peergpu.server.db.billing_models import JobChargeModel
 from peergpu.server.db.job_models import JobModel, JobState
-from peergpu.server.services.billing import ledger, payouts, postings, topups
+from peergpu.server.services.billing import ledger, postings
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +54,6 @@ RENTER_FAULTS = frozenset(
 )
 _LIVE = (JobState.assigned.value, JobState.running.value, JobState.lost.value)
 BATCH = 500
-#: How often pending payouts and in-flight automatic top-ups are sent again.
-STRIPE_RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -226,18 +223,14 @@ async def _book(
 async def run_settlement(context: ServerContext) -> None:
     """The settlement loop of one replica: settles whenever something may have ended (the
     scheduler's wake-ups: freed GPUs, re-queued jobs) and at least every
-    ``billing_settle_seconds``; starts automatic top-ups of wallets running low, and every
-    minute re-sends Stripe work whose outcome was unknown. Runs until cancelled."""
+    ``billing_settle_seconds``. It never calls Stripe (``upkeep`` does, in its own loop), so a
+    slow Stripe cannot hold up settlement. Runs until cancelled."""
     settings = context.settings
-    next_retry = 0.0
     while True:
         try:
             async with context.bus.subscribe(SCHEDULER_WAKE_CHANNEL) as wakeups:
                 while True:
                     await _settle_all(context)
-                    if time.monotonic() >= next_retry:
-                        await _retry_stripe_work(context)
-                        next_retry = time.monotonic() + STRIPE_RETRY_SECONDS
                     await wakeups.get(timeout=settings.billing_settle_seconds)
                     await asyncio.sleep(0.05)  # let a burst of endings land together
                     while await wakeups.get(timeout=0) is not None:
@@ -255,51 +248,5 @@ async def run_settlement(context: ServerContext) -> None:
 async def _settle_all(context: ServerContext) -> None:
     while True:
         result = await settle_open(context)
-        if result.wallets:
-            await _after_settlement(context, result.wallets)
         if result.settled < BATCH:
             return  # a short batch: nothing else has ended
-
-
-async def _after_settlement(context: ServerContext, wallets: list[str]) -> None:
-    """Automatic top-ups for the wallets just charged that have one configured (the check
-    below keeps wallets without one to a single query). Never raises."""
-    if not context.settings.stripe_enabled:
-        return
-    try:
-        async with context.sessionmaker() as session:
-            configured = list(
-                await session.scalars(
-                    select(BillingProfileModel.wallet).where(
-                        BillingProfileModel.wallet.in_(wallets),
-                        BillingProfileModel.auto_topup_below_micros.is_not(None),
-                    )
-                )
-            )
-        if configured:
-            await topups.auto_topup_if_low(context=context, wallets=configured)
-    except Exception:
-        logger.exception("automatic top-ups after settlement failed")
-
-
-async def _retry_stripe_work(context: ServerContext) -> None:
-    """Payouts whose transfer had no answer, and automatic top-ups left in flight, are sent
-    again with the same idempotency keys; hosts over the automatic payout threshold are paid.
-    Never raises."""
-    if not context.settings.stripe_enabled:
-        return
-    try:
-        await payouts.retry_pending_payouts(context=context)
-        await payouts.pay_out_above_threshold(context=context)
-        async with context.sessionmaker() as session:
-            stuck = list(
-                await session.scalars(
-                    select(BillingProfileModel.wallet).where(
-                        BillingProfileModel.auto_topup_pending_id.is_not(None)
-                    )
-                )
-            )
-        if stuck:
-            await topups.auto_topup_if_low(context=context, wallets=stuck)
-    except Exception:
-        logger.exception("retrying Stripe payouts and top-ups failed")

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 #: Pending marks of automatic top-ups whose Stripe outcome is unknown start with this; the
 #: mark *is* the PaymentIntent's idempotency key, so re-sending it cannot charge twice.
 ATTEMPT_PREFIX = "autotopup:"
+#: Marks a wallet whose card was declined: no new automatic top-up until a new card is saved
+#: or ``GIVE_UP_AFTER`` has passed (a declined card is not charged after every settlement).
+DECLINED_PREFIX = "declined:"
 #: An unknown outcome is re-sent (same key) at most this often.
 RESEND_AFTER = timedelta(minutes=1)
 #: Stripe forgets idempotency keys after 24 hours; a mark older than this is dropped.
@@ -316,8 +319,9 @@ async def _finish_attempt(
     session: AsyncSession, wallet: str, key: str, intent: PaymentIntentInfo | None
 ) -> None:
     """Record Stripe's answer: an intent under way waits for its webhook under its own id;
-    anything else frees the wallet for the next attempt. A webhook that already cleared the
-    mark wins (the conditional UPDATE then changes nothing)."""
+    anything else (a declined card) blocks new attempts until a new card is saved or a day has
+    passed. A webhook that already cleared the mark wins (the conditional UPDATE then changes
+    nothing)."""
     if intent is not None and intent.status in _UNDER_WAY:
         values: dict[str, Any] = {"auto_topup_pending_id": intent.id}
     else:
@@ -325,7 +329,10 @@ async def _finish_attempt(
             logger.warning(
                 "automatic top-up %s of %s stopped in state %s", intent.id, wallet, intent.status
             )
-        values = {"auto_topup_pending_id": None, "auto_topup_pending_at": None}
+        values = {
+            "auto_topup_pending_id": f"{DECLINED_PREFIX}{key}"[:255],
+            "auto_topup_pending_at": utcnow(),
+        }
     await session.execute(
         update(BillingProfileModel)
         .where(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import stripe
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.config import ServerSettings
@@ -47,6 +47,7 @@ from peergpu.server.db.billing_models import (
 from peergpu.server.services.billing import accounts, ledger, postings
 from peergpu.server.services.billing.ledger import insert_ignoring_duplicates
 from peergpu.server.services.billing.postings import MICROS_PER_CENT
+from peergpu.server.services.billing.topups import DECLINED_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -238,12 +239,20 @@ async def _payment_intent_succeeded(session: AsyncSession, obj: StripeObject) ->
         await _clear_pending(session, wallet, intent, metadata)
         outcomes.append(f"auto top-up {'credited' if posted else 'already credited'}")
     method = _ref(obj, "payment_method")
+    pending = BillingProfileModel.auto_topup_pending_id
     if obj.get("setup_future_usage") == "off_session" and method:
         saved = await session.execute(
             update(BillingProfileModel)
             .where(BillingProfileModel.wallet == wallet)
             .where(BillingProfileModel.stripe_customer_id == _ref(obj, "customer"))
-            .values(payment_method_id=method, updated_at=utcnow())
+            .values(
+                payment_method_id=method,
+                updated_at=utcnow(),
+                # A new card lifts the pause a declined one put on automatic top-ups.
+                auto_topup_pending_id=case(
+                    (pending.startswith(DECLINED_PREFIX), None), else_=pending
+                ),
+            )
         )
         kept = bool(saved.rowcount)  # type: ignore[attr-defined]
         outcomes.append("card saved" if kept else "card not saved: another customer")
