@@ -91,6 +91,10 @@ async def test_balance_and_transactions_start_with_the_sign_up_credit(
     assert listed["data"][0]["available_change_micros"] == SIGNUP
     none = await client.get("/api/v1/billing/transactions?kind=topup", headers=renter.headers)
     assert none.json() == {"data": [], "count": 0}
+    naive = await client.get(  # no offset: read as UTC, not a 500
+        "/api/v1/billing/transactions?since=2024-01-01T00:00:00", headers=renter.headers
+    )
+    assert naive.status_code == 200 and naive.json()["count"] == 1
 
 
 async def test_submit_without_credit_is_402(client: httpx.AsyncClient, app: Any) -> None:
@@ -229,6 +233,11 @@ async def test_admin_grants_refunds_and_checks_the_ledger(
         assert granted.status_code == 201, granted.text
     balance = (await client.get("/api/v1/billing/balance", headers=renter.headers)).json()
     assert balance["available_micros"] == SIGNUP + 5_000_000
+    long_key = {"Idempotency-Key": "k" * 200}
+    granted = await client.post(
+        "/api/v1/admin/billing/grants", json=body, headers={**admin.headers, **long_key}
+    )
+    assert granted.status_code == 201, granted.text
     missing = await client.post(
         "/api/v1/admin/billing/grants",
         json={"email": "nobody@example.com", "amount_micros": 1},

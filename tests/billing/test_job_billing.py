@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
@@ -320,3 +320,42 @@ async def test_a_job_its_host_stopped_is_requeued_and_costs_nothing(
     wallet = accounts.user_wallet(renter)
     got = await _balances(context, accounts.available(wallet))
     assert got[accounts.available(wallet)] == 10_000_000
+
+
+async def test_a_charge_the_books_refuse_does_not_block_the_others(
+    context: ServerContext,
+) -> None:
+    renter = await make_renter(context, credit=10_000_000)
+    owner = await make_renter(context, credit=0)
+    host = await make_host(context, owner, price=PRICE, gpus=[("T4", 16000)] * 2)
+    jobs = [await make_job(context, renter) for _ in range(2)]
+    await scheduler.schedule_once(context)
+    for job in jobs:
+        await _end(context, job, "succeeded", ran=5)
+    bogus = uuid.uuid4()  # an open charge whose hold was never booked: releasing it overdraws
+    async with context.sessionmaker() as session:
+        session.add(
+            JobChargeModel(
+                job_id=bogus,
+                attempt=1,
+                wallet=accounts.user_wallet(renter),
+                host_id=host,
+                host_owner_id=owner,
+                price_per_gpu_hour_micros=PRICE,
+                gpu_count=1,
+                hold_micros=10**12,
+                created_at=utcnow() - timedelta(hours=1),
+            )
+        )
+        await session.commit()
+    try:
+        assert (await settlement.settle_open(context)).settled == 2
+        assert (bogus, 1) in settlement._set_aside
+        assert (await settlement.settle_open(context)).settled == 0
+        for job in jobs:
+            assert (await _charge(context, job)).outcome == "charged"
+    finally:
+        settlement._set_aside.discard((bogus, 1))
+        async with context.sessionmaker() as session:
+            await session.execute(delete(JobChargeModel).where(JobChargeModel.job_id == bogus))
+            await session.commit()

@@ -4,7 +4,7 @@ earnings, wallet settings, grants, refunds and the ledger check."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -77,6 +77,8 @@ async def list_transactions(
     """The wallet's transactions, newest first (top-ups, grants, holds, settlements,
     refunds), each with its effect on available and held credit."""
     wallet = await wallets.resolve(session=session, principal=principal, org_id=org_id)
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)  # a time without an offset is read as UTC
     lines, count = await reports.transactions(
         session=session,
         wallet=wallet,

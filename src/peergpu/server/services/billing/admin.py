@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -51,7 +52,11 @@ async def grant(
     idempotency_key: str | None = None,
 ) -> uuid.UUID | None:
     """Promotional credit; with an idempotency key a retried grant is booked once. Commits."""
-    key = f"grant:{actor_id}:{idempotency_key}" if idempotency_key else f"grant:{uuid.uuid4()}"
+    if idempotency_key:  # hashed: any client key fits the column, and a key is per admin
+        digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:40]
+        key = f"grant:{actor_id}:{digest}"
+    else:
+        key = f"grant:{uuid.uuid4()}"
     tx = await ledger.post(
         session,
         postings.grant(

@@ -117,10 +117,12 @@ async def estimate(*, session: AsyncSession, need: Need) -> Estimate:
 
 
 async def require_some_credit(*, session: AsyncSession, wallet: str) -> None:
-    """Submit refuses a wallet with no credit at all (the scheduler checks the real hold)."""
-    code = accounts.available(wallet)
-    available = (await ledger.balances(session, [code]))[code]
-    if available <= 0:
+    """Submit refuses a wallet with no credit at all, available or held for running jobs (held
+    credit comes back as they end); the scheduler checks the real hold."""
+    codes = [accounts.available(wallet), accounts.held(wallet)]
+    found = await ledger.balances(session, codes)
+    available = found[codes[0]]
+    if available + found[codes[1]] <= 0:
         raise ledger.InsufficientFunds(
             f"No credit left ({ledger.format_usd(available)} available). Top up with "
             "`peergpu billing topup` or ask an admin for credit.",

@@ -23,18 +23,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select, tuple_, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import ServiceUnavailable
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.billing_models import JobChargeModel
+from peergpu.server.db.billing_models import JobChargeModel, LedgerTransactionModel
 from peergpu.server.db.job_models import JobModel, JobState
 from peergpu.server.services.billing import ledger, postings
 
@@ -53,6 +55,8 @@ RENTER_FAULTS = frozenset(
     }
 )
 _LIVE = (JobState.assigned.value, JobState.running.value, JobState.lost.value)
+#: Charges this process could not settle (logged); later sweeps skip them.
+_set_aside: set[tuple[uuid.UUID, int]] = set()
 BATCH = 500
 
 
@@ -106,47 +110,90 @@ class SweepResult:
 
 async def settle_open(context: ServerContext, *, limit: int = BATCH) -> SweepResult:
     """Settle up to ``limit`` ended attempts in one transaction; returns how many, and the
-    wallets they touched (for automatic top-ups)."""
-    now = utcnow()
+    wallets they touched. If the batch fails (a row the books refuse), its attempts are
+    settled one by one so that the others go through, and one that keeps failing is left
+    aside (logged) for this process's later sweeps instead of blocking them."""
     async with context.sessionmaker() as session:
-        rows = (
-            await session.execute(
-                select(
-                    JobChargeModel,
-                    JobModel.state,
-                    JobModel.attempt,
-                    JobModel.failure_reason,
-                    JobModel.started_at,
-                    JobModel.finished_at,
-                )
-                .outerjoin(JobModel, JobModel.id == JobChargeModel.job_id)
-                .where(JobChargeModel.settled_at.is_(None), _ended())
-                .order_by(JobChargeModel.created_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True, of=JobChargeModel)
-            )
-        ).all()
-        if not rows:
+        settlements = await _read_ended(context, session, limit=limit)
+        if not settlements:
             return SweepResult(0, [])
-        settlements: list[tuple[JobChargeModel, Outcome]] = []
-        for charge, state, attempt, failure_reason, started_at, finished_at in rows:
-            settlements.append(
-                (
-                    charge,
-                    outcome_of(
-                        charge=charge,
-                        job_state=state,
-                        failure_reason=failure_reason,
-                        started_at=started_at,
-                        finished_at=finished_at,
-                        same_attempt=attempt == charge.attempt,
-                        fee_bps=context.settings.platform_fee_bps,
-                    ),
-                )
-            )
-        await _book(session, settlements, now=now)
-        await session.commit()
+        keys = [(charge.job_id, charge.attempt) for charge, _ in settlements]
+        try:
+            await _book(session, settlements, now=utcnow())
+            await session.commit()
+        except (DBAPIError, ServiceUnavailable):
+            raise  # the database itself is in trouble: the loop retries later
+        except Exception:
+            await session.rollback()
+            logger.exception("settling %d charges at once failed; one by one", len(keys))
+            settlements = [s for key in keys if (s := await _settle_one(context, key))]
     return SweepResult(len(settlements), sorted({charge.wallet for charge, _ in settlements}))
+
+
+async def _read_ended(
+    context: ServerContext,
+    session: AsyncSession,
+    *,
+    limit: int,
+    only: tuple[uuid.UUID, int] | None = None,
+) -> list[tuple[JobChargeModel, Outcome]]:
+    query = (
+        select(
+            JobChargeModel,
+            JobModel.state,
+            JobModel.attempt,
+            JobModel.failure_reason,
+            JobModel.started_at,
+            JobModel.finished_at,
+        )
+        .outerjoin(JobModel, JobModel.id == JobChargeModel.job_id)
+        .where(JobChargeModel.settled_at.is_(None), _ended())
+        .order_by(JobChargeModel.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=JobChargeModel)
+    )
+    if only is not None:
+        query = query.where(JobChargeModel.job_id == only[0], JobChargeModel.attempt == only[1])
+    elif _set_aside:
+        query = query.where(
+            tuple_(JobChargeModel.job_id, JobChargeModel.attempt).not_in(list(_set_aside))
+        )
+    rows = (await session.execute(query)).all()
+    return [
+        (
+            charge,
+            outcome_of(
+                charge=charge,
+                job_state=state,
+                failure_reason=failure_reason,
+                started_at=started_at,
+                finished_at=finished_at,
+                same_attempt=attempt == charge.attempt,
+                fee_bps=context.settings.platform_fee_bps,
+            ),
+        )
+        for charge, state, attempt, failure_reason, started_at, finished_at in rows
+    ]
+
+
+async def _settle_one(
+    context: ServerContext, key: tuple[uuid.UUID, int]
+) -> tuple[JobChargeModel, Outcome] | None:
+    async with context.sessionmaker() as session:
+        found = await _read_ended(context, session, limit=1, only=key)
+        if not found:
+            return None
+        try:
+            await _book(session, found, now=utcnow())
+            await session.commit()
+        except (DBAPIError, ServiceUnavailable):
+            raise
+        except Exception:
+            await session.rollback()
+            _set_aside.add(key)
+            logger.exception("charge %s (attempt %s) cannot be settled; set aside", *key)
+            return None
+    return found[0]
 
 
 def _ended() -> Any:
@@ -183,6 +230,25 @@ async def _book(
             for charge, outcome in settlements
         ],
     )
+    missing = [
+        f"settle:{charge.job_id}:{charge.attempt}"
+        for (charge, _), tx_id in zip(settlements, posted, strict=True)
+        if tx_id is None
+    ]
+    if missing:  # posted before, yet the charge is open: mark it with that transaction
+        found = dict(
+            (
+                await session.execute(
+                    select(LedgerTransactionModel.idempotency_key, LedgerTransactionModel.id).where(
+                        LedgerTransactionModel.idempotency_key.in_(missing)
+                    )
+                )
+            ).all()
+        )
+        posted = [
+            tx_id or found.get(f"settle:{charge.job_id}:{charge.attempt}")
+            for (charge, _), tx_id in zip(settlements, posted, strict=True)
+        ]
     rows = [
         {
             "c_job": charge.job_id,
@@ -195,7 +261,7 @@ async def _book(
             "c_reason": outcome.reason[:200],
         }
         for (charge, outcome), tx_id in zip(settlements, posted, strict=True)
-        if tx_id is not None  # None: another replica settled it already
+        if tx_id is not None
     ]
     if not rows:
         return
