@@ -9,11 +9,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.billing_models import BillingProfileModel, JobChargeModel
+from peergpu.server.db.host_models import HostGpuModel
 from peergpu.server.db.job_models import JobModel, JobState
 from peergpu.server.services import scheduler
 from peergpu.server.services.billing import accounts, admin, ledger, settlement
@@ -359,3 +360,31 @@ async def test_a_charge_the_books_refuse_does_not_block_the_others(
         async with context.sessionmaker() as session:
             await session.execute(delete(JobChargeModel).where(JobChargeModel.job_id == bogus))
             await session.commit()
+
+
+async def test_a_pass_whose_credit_was_spent_meanwhile_rolls_back_whole(
+    context: ServerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget is read without locks; if another replica spent the credit before the holds
+    are booked, the ledger refuses them and nothing of the pass remains."""
+    renter = await make_renter(context, credit=60_000)  # one hold of 60,000
+    owner = await make_renter(context, credit=0)
+    await make_host(context, owner, price=PRICE, gpus=[("T4", 16000)] * 2)
+    jobs = [await make_job(context, renter) for _ in range(2)]
+    real = ledger.balances
+
+    async def stale(session: Any, codes: Any) -> dict[str, int]:  # as read before a spend
+        return {code: value + 60_000 for code, value in (await real(session, codes)).items()}
+
+    monkeypatch.setattr(ledger, "balances", stale)
+    with pytest.raises(ledger.InsufficientFunds):
+        await scheduler.schedule_once(context)
+    monkeypatch.setattr(ledger, "balances", real)
+    assert [(await get_job(context, j)).state for j in jobs] == ["queued", "queued"]
+    async with context.sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(JobChargeModel)) == 0
+        claimed = (
+            select(func.count()).select_from(HostGpuModel).where(HostGpuModel.job_id.is_not(None))
+        )
+        assert await session.scalar(claimed) == 0
+    assert len((await scheduler.schedule_once(context)).assigned) == 1

@@ -134,3 +134,29 @@ def test_usd_formatting() -> None:
     assert ledger.format_usd(1_234_567) == "$1.234567"
     assert ledger.format_usd(-10_000) == "-$0.01"
     assert ledger.format_usd(0) == "$0.00"
+
+
+async def test_the_check_finds_entries_naming_a_missing_account(session: AsyncSession) -> None:
+    from sqlalchemy import delete, insert
+
+    from peergpu.server.db.billing_models import LedgerEntryModel, LedgerTransactionModel
+
+    tx = uuid.uuid4()
+    ghost = accounts.available(_wallet())
+    await session.execute(
+        insert(LedgerTransactionModel).values(id=tx, idempotency_key="ghost", kind="grant")
+    )
+    await session.execute(
+        insert(LedgerEntryModel),
+        [
+            {"transaction_id": tx, "account_code": ghost, "amount_micros": 5},
+            {"transaction_id": tx, "account_code": accounts.PROMOTIONS, "amount_micros": -5},
+        ],
+    )
+    await ledger.ensure_accounts(session, [accounts.PROMOTIONS])
+    await session.commit()
+    report = await ledger.check(session)
+    assert ghost in report.unknown_accounts and not report.ok
+    await session.execute(delete(LedgerEntryModel).where(LedgerEntryModel.transaction_id == tx))
+    await session.execute(delete(LedgerTransactionModel).where(LedgerTransactionModel.id == tx))
+    await session.commit()

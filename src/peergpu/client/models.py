@@ -399,6 +399,7 @@ class LedgerCheck(ApiModel):
     accounts: int = 0
     total_micros: int = 0
     unbalanced_transactions: list[str] = Field(default_factory=list)
+    unknown_accounts: list[str] = Field(default_factory=list)
     stale_balances: list[dict[str, Any]] = Field(default_factory=list)
     holds_mismatched: list[dict[str, Any]] = Field(default_factory=list)
     negative_accounts: list[dict[str, Any]] = Field(default_factory=list)

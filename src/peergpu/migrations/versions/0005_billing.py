@@ -155,11 +155,6 @@ def upgrade() -> None:
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["account_code"],
-            ["ledger_accounts.code"],
-            name=op.f("fk_ledger_entries_account_code_ledger_accounts"),
-        ),
-        sa.ForeignKeyConstraint(
             ["transaction_id"],
             ["ledger_transactions.id"],
             name=op.f("fk_ledger_entries_transaction_id_ledger_transactions"),

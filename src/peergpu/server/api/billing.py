@@ -226,6 +226,7 @@ async def ledger_check(_principal: Admin, session: SessionDep) -> LedgerCheckPub
         accounts=report.accounts,
         total_micros=report.total_micros,
         unbalanced_transactions=report.unbalanced_transactions,
+        unknown_accounts=report.unknown_accounts,
         stale_balances=report.stale_balances,
         holds_mismatched=report.holds_mismatched,
         negative_accounts=report.negative_accounts,

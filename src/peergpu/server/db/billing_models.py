@@ -57,7 +57,10 @@ class LedgerEntryModel(IdMixin, Base):
     transaction_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("ledger_transactions.id"), index=True
     )
-    account_code: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.code"))
+    #: No foreign key to ``ledger_accounts``: its KEY SHARE locks on the hottest rows
+    #: (``platform:fees``, busy wallets) cost more than they protect. ``post_many`` creates
+    #: every account it posts to in the same transaction, and ``ledger.check`` verifies.
+    account_code: Mapped[str] = mapped_column(String(80))
     amount_micros: Mapped[int] = mapped_column(BigInteger)
     #: The transaction's time, copied so an account's history pages on one index.
     at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -157,6 +157,7 @@ class LedgerCheckPublic(BaseModel):
     accounts: int
     total_micros: int
     unbalanced_transactions: list[str]
+    unknown_accounts: list[str]
     stale_balances: list[dict[str, object]]
     holds_mismatched: list[dict[str, object]]
     negative_accounts: list[dict[str, object]]

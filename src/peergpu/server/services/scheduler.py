@@ -51,7 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from peergpu.errors import ServiceUnavailable
+from peergpu.errors import PaymentRequired, ServiceUnavailable
 from peergpu.protocol.manifest import ManifestLimits
 from peergpu.server.agents import dispatch
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, job_channel
@@ -171,7 +171,13 @@ async def run_scheduler(context: ServerContext) -> None:
                         next_maintenance = now + settings.scheduler_sweep_seconds
                         if refresh:
                             next_reliability = now + job_maintenance.RELIABILITY_REFRESH_SECONDS
-                    result = await schedule_once(context)
+                    try:
+                        result = await schedule_once(context)
+                    except PaymentRequired as exc:
+                        # Another replica spent a wallet's credit during this pass; the pass
+                        # was rolled back whole. Go again with fresh balances.
+                        logger.info("scheduler pass rolled back: %s", exc.message)
+                        continue
                     if result.assigned and result.considered >= settings.scheduler_batch_size:
                         continue  # a full batch: there is probably more to do right away
                     await wakeups.get(timeout=settings.scheduler_sweep_seconds)

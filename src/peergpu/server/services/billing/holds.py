@@ -9,10 +9,10 @@ what it holds now.
 :func:`open_budget` reads (and locks) the credit of a pass's wallets; the scheduler asks the
 :class:`Budget` for each job as it matches it, in queue order, so a wallet's first jobs get
 its credit first and a job nobody pays for never takes a GPU from one that is paid for.
-:func:`place` books the holds and the ``job_charges`` rows of the jobs really assigned. All of
-it runs in the scheduler's transaction; on PostgreSQL the wallets' accounts stay locked from
-:func:`open_budget` to the commit. Jobs that cannot be paid for stay queued, with a message
-saying why (:func:`note_waiting`).
+:func:`place` books the holds and the ``job_charges`` rows of the jobs really assigned, in the
+scheduler's transaction; the ledger refuses a hold the credit no longer covers (see
+:func:`open_budget`). Jobs that cannot be paid for stay queued, with a message saying why
+(:func:`note_waiting`).
 """
 
 from __future__ import annotations
@@ -102,12 +102,13 @@ class Budget:
 
 
 async def open_budget(session: AsyncSession, wallets: Iterable[str]) -> Budget:
-    """The wallets' credit and cap room, their accounts (available and held) locked in code
-    order until the transaction ends (PostgreSQL), so nothing else spends the credit before
-    the holds are booked."""
+    """The wallets' credit and cap room, read without locking: settlement and top-ups only
+    ever add to available credit, so the read can only be short by what another replica's
+    pass (or a dispute) spent meanwhile — and then booking the holds overdraws, the ledger
+    refuses it, and the whole pass rolls back and is tried again. Not locking keeps the
+    wallets free for settlement while the pass matches and claims."""
     ordered = sorted(set(wallets))
-    codes = [code for w in ordered for code in (accounts.available(w), accounts.held(w))]
-    balance = await ledger.lock_accounts(session, codes)
+    balance = await ledger.balances(session, [accounts.available(w) for w in ordered])
     available = {w: balance.get(accounts.available(w), 0) for w in ordered}
     return Budget(available, await cap_room(session, ordered))
 

@@ -8,8 +8,11 @@ Contract of :func:`post_many`:
 - each account's cached ``balance_micros`` moves by the sum of its entries in the same
   transaction; an account that may not go negative and would is refused with
   :class:`InsufficientFunds` (the caller rolls back);
-- on PostgreSQL the touched accounts are locked in code order (``FOR NO KEY UPDATE``) before
-  anything is written, so two concurrent batches never deadlock on each other's accounts.
+- on PostgreSQL the touched accounts are locked in code order (``FOR NO KEY UPDATE``) just
+  before their balances move, so two concurrent batches never deadlock on each other's
+  accounts;
+- a posting's ``may_go_negative`` covers that posting only: an account another posting of the
+  batch also takes from must stay above zero.
 
 Accounts are created on first use from their code (see :mod:`.accounts`).
 """
@@ -88,13 +91,7 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
     keys = [p.key for p in postings]
     if len(set(keys)) != len(keys):
         raise ValueError("two postings in one batch share an idempotency key")
-    codes = {code for p in postings for code, _ in p.entries}
-    await ensure_accounts(session, codes)
-    # Lock every account first, in code order, and before the entries' foreign keys take
-    # their KEY SHARE locks: FOR NO KEY UPDATE does not conflict with those, and one global
-    # order means two batches touching the same accounts (platform:fees, a busy wallet) wait
-    # for each other instead of deadlocking.
-    await _lock_in_order(session, codes)
+    await ensure_accounts(session, {code for p in postings for code, _ in p.entries})
     now = utcnow()
     ids = {p.key: uuid.uuid4() for p in postings}
     inserted = await session.execute(
@@ -133,6 +130,10 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
         ]
         if entries:
             await session.execute(insert(LedgerEntryModel), entries)
+        # Only now lock the accounts, in code order: one global order means two batches
+        # touching the same accounts (platform:fees, a busy wallet) wait for each other
+        # instead of deadlocking, and locking last keeps the hot accounts locked briefly.
+        await _lock_in_order(session, {code for p in fresh for code, _ in p.entries})
         await _move_balances(session, fresh, now=now)
     return [ids[p.key] if ids[p.key] in new_ids else None for p in postings]
 
@@ -199,10 +200,13 @@ async def _lock_in_order(session: AsyncSession, codes: Iterable[str]) -> None:
 async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, now: Any) -> None:
     deltas: dict[str, int] = defaultdict(int)
     exempt: set[str] = set()
+    strict: set[str] = set()  # taken from by a posting with no rule for it
     for posting in postings:
         for code, amount in posting.entries:
             deltas[code] += amount
-        exempt |= posting.may_go_negative
+            if amount < 0:
+                (exempt if code in posting.may_go_negative else strict).add(code)
+    exempt -= strict
     touched = sorted(code for code, delta in deltas.items() if delta)
     if not touched:
         return
@@ -268,11 +272,14 @@ class LedgerReport:
     total_micros: int = 0
     holds_mismatched: list[dict[str, Any]] = field(default_factory=list)
     negative_accounts: list[dict[str, Any]] = field(default_factory=list)
+    #: Accounts that entries name but that do not exist (entries carry no foreign key).
+    unknown_accounts: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (
-            self.unbalanced_transactions
+            self.unknown_accounts
+            or self.unbalanced_transactions
             or self.stale_balances
             or self.total_micros
             or self.holds_mismatched
@@ -285,6 +292,10 @@ async def check(session: AsyncSession, *, repair: bool = False) -> LedgerReport:
     to zero, and each wallet's held balance equals its open holds. Negative balances are
     listed for information: rules (disputes, reversed payouts) allow some."""
     report = LedgerReport()
+    if _dialect(session) == "postgresql" and not session.in_transaction():
+        # One snapshot for every read below, so a posting committed meanwhile cannot show as
+        # a mismatch (and a repair cannot overwrite a balance that moved).
+        await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     report.transactions = int(
         await session.scalar(select(func.count()).select_from(LedgerTransactionModel)) or 0
     )
@@ -294,6 +305,12 @@ async def check(session: AsyncSession, *, repair: bool = False) -> LedgerReport:
         .having(func.sum(LedgerEntryModel.amount_micros) != 0)
     )
     report.unbalanced_transactions = [str(tx) for tx in unbalanced.scalars()]
+    unknown = await session.scalars(
+        select(LedgerEntryModel.account_code)
+        .distinct()
+        .where(~LedgerEntryModel.account_code.in_(select(LedgerAccountModel.code)))
+    )
+    report.unknown_accounts = sorted(unknown)
     sums = (
         select(
             LedgerEntryModel.account_code.label("code"),
