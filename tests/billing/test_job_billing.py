@@ -388,3 +388,33 @@ async def test_a_pass_whose_credit_was_spent_meanwhile_rolls_back_whole(
         )
         assert await session.scalar(claimed) == 0
     assert len((await scheduler.schedule_once(context)).assigned) == 1
+
+
+async def test_a_refund_the_platform_pays_leaves_the_host_its_earnings(
+    context: ServerContext,
+) -> None:
+    from peergpu.errors import Conflict
+
+    renter = await make_renter(context, credit=10_000_000)
+    owner = await make_renter(context, credit=0)
+    await make_host(context, owner, price=PRICE, gpus=[("T4", 16000)])
+    job = await make_job(context, renter)
+    await scheduler.schedule_once(context)
+    await _end(context, job, "succeeded", ran=40)
+    await settlement.settle_open(context)
+    async with context.sessionmaker() as session:
+        _txs, amount, wallet = await admin.refund_job(
+            session=session, job_id=job, memo="our mistake", actor_id=None, platform_pays=True
+        )
+    assert amount == 40_000
+    payable = accounts.host_payable(owner)
+    assert await _balances(
+        context, accounts.available(wallet), payable, accounts.PLATFORM_REFUNDS
+    ) == {
+        accounts.available(wallet): 10_000_000,
+        payable: 36_000,
+        accounts.PLATFORM_REFUNDS: -40_000,
+    }
+    async with context.sessionmaker() as session:
+        with pytest.raises(Conflict):  # refunded once, whichever way
+            await admin.refund_job(session=session, job_id=job, memo="", actor_id=None)

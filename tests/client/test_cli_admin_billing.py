@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,8 +18,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from peergpu.cli.admin import MAX_GRANT_MICROS
-from peergpu.cli.output import EXIT_NOT_FOUND, EXIT_USAGE, parse_amount_micros
+from peergpu.cli.output import EXIT_API, EXIT_NOT_FOUND, EXIT_USAGE, parse_amount_micros
 from peergpu.config import ServerSettings
+from peergpu.server.context import ServerContext
 from peergpu.server.db.billing_models import (
     JobChargeModel,
     LedgerAccountModel,
@@ -391,3 +393,43 @@ def test_a_bad_email_is_a_usage_error(cli: Cli, tmp_path: Path) -> None:
 )
 def test_amounts_in_dollars(text: str, micros: int) -> None:
     assert parse_amount_micros(text, "--amount") == micros
+
+
+async def test_refund_reverses_a_settled_job_once(
+    cli: Cli, env: dict[str, str], context: ServerContext
+) -> None:
+    from sqlalchemy import update
+
+    from peergpu.server.db.base import utcnow
+    from peergpu.server.db.job_models import JobModel
+    from peergpu.server.services import scheduler
+    from peergpu.server.services.billing import settlement
+    from tests.unit.scheduling import make_host, make_job, make_renter
+
+    renter = await make_renter(context, credit=10 * USD)
+    owner = await make_renter(context, credit=0)
+    await make_host(context, owner, price=3_600_000, gpus=[("T4", 16000)])
+    job = await make_job(context, renter)
+    await scheduler.schedule_once(context)
+    now = utcnow()
+    async with context.sessionmaker() as session:
+        await session.execute(
+            update(JobModel)
+            .where(JobModel.id == job)
+            .values(state="succeeded", started_at=now - timedelta(seconds=30), finished_at=now)
+        )
+        await session.commit()
+    await settlement.settle_open(context)
+    refunded = await asyncio.to_thread(
+        cli, "admin", "refund", str(job), "--platform-pays", "--json", env=env
+    )
+    assert refunded.exit_code == 0, refunded.output
+    body = as_json(refunded)
+    assert (body["amount_micros"], body["paid_by"]) == (30_000, "platform")
+    again = await asyncio.to_thread(cli, "admin", "refund", str(job), env=env)
+    assert again.exit_code == EXIT_API and "Nothing to refund" in again.stderr
+    missing = await asyncio.to_thread(cli, "admin", "refund", str(uuid.uuid4()), env=env)
+    assert missing.exit_code == EXIT_NOT_FOUND
+    async with context.sessionmaker() as session:
+        wallet = accounts.available(accounts.user_wallet(renter))
+        assert (await ledger.balances(session, [wallet]))[wallet] == 10 * USD

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.cli.common import console, fail, load_settings
 from peergpu.cli.output import (
+    EXIT_API,
     EXIT_NOT_FOUND,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
@@ -23,7 +25,7 @@ from peergpu.cli.output import (
 )
 from peergpu.cli.session import JsonOption
 from peergpu.config import ServerSettings
-from peergpu.errors import NotFound, PeerGPUError
+from peergpu.errors import Conflict, NotFound, PeerGPUError
 from peergpu.server.context import ServerContext
 from peergpu.server.db import migrate
 from peergpu.server.db.models import UserRole
@@ -218,6 +220,58 @@ def grant(
         f"granted {format_usd(micros)} to {escape(granted['email'])} "
         f"({granted['wallet']}); available credit now "
         f"{format_usd(granted['available_micros'])} (transaction {granted['transaction_id']})",
+        highlight=False,
+    )
+
+
+@app.command("refund")
+def refund(
+    job_id: Annotated[uuid.UUID, typer.Argument(help="The job to refund.", show_default=False)],
+    platform_pays: Annotated[
+        bool,
+        typer.Option(
+            "--platform-pays",
+            help="The platform pays the refund; the host keeps its earnings (default: the "
+            "charge is reversed, the host's share and the fee included).",
+        ),
+    ] = False,
+    memo: Annotated[str, typer.Option(help="Why, kept on the ledger transaction.")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Refund what a job was charged, as reversing transactions; once per job.
+
+    Exit codes: 0 refunded; 4 no such job; 5 no database; 6 nothing left to refund.
+    """
+    settings = load_settings()
+
+    async def give_back(session: AsyncSession) -> dict[str, Any] | PeerGPUError:
+        try:
+            txs, amount, wallet = await billing_admin.refund_job(
+                session=session,
+                job_id=job_id,
+                memo=memo,
+                actor_id=None,
+                platform_pays=platform_pays,
+            )
+        except (NotFound, Conflict) as exc:
+            return exc
+        return {
+            "job_id": str(job_id),
+            "wallet": wallet,
+            "amount_micros": amount,
+            "transaction_ids": [str(tx) for tx in txs],
+            "paid_by": "platform" if platform_pays else "reversal",
+        }
+
+    done = _run_on_database(settings, give_back)
+    if isinstance(done, PeerGPUError):
+        fail(escape(done.message), code=EXIT_NOT_FOUND if isinstance(done, NotFound) else EXIT_API)
+    if as_json:
+        print_json(done)
+        return
+    console.print(
+        f"refunded {format_usd(done['amount_micros'])} of job {job_id} to {done['wallet']}"
+        + (" (paid by the platform)" if platform_pays else " (charge reversed)"),
         highlight=False,
     )
 

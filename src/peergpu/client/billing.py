@@ -192,10 +192,12 @@ class BillingMixin:
         )
         return Posted.model_validate(response.json())
 
-    def admin_refund(self, job_id: Id, *, memo: str = "") -> Posted:
-        """Refund what a job was charged (admins only); a job with nothing left to refund is a
-        409. Not retried after a dropped connection: check the job's :meth:`receipt`."""
-        body = {"job_id": str(job_id), "memo": memo}
+    def admin_refund(self, job_id: Id, *, memo: str = "", platform_pays: bool = False) -> Posted:
+        """Refund what a job was charged (admins only): reversed, the host's share included, or
+        with ``platform_pays`` paid by the platform while the host keeps its earnings. A job
+        with nothing left to refund is a 409. Not retried after a dropped connection: check
+        the job's :meth:`receipt`."""
+        body = {"job_id": str(job_id), "memo": memo, "platform_pays": platform_pays}
         response = self._http.request("POST", "/admin/billing/refunds", json_body=body)
         return Posted.model_validate(response.json())
 

@@ -209,7 +209,11 @@ async def refund_job(body: RefundCreate, principal: Admin, session: SessionDep) 
     """Refund what a job was charged, as reversing transactions (the host's share and the
     fee come back)."""
     txs, amount, wallet = await admin.refund_job(
-        session=session, job_id=body.job_id, memo=body.memo, actor_id=principal.user_id
+        session=session,
+        job_id=body.job_id,
+        memo=body.memo,
+        actor_id=principal.user_id,
+        platform_pays=body.platform_pays,
     )
     return PostedPublic(
         transaction_ids=txs, amount_micros=amount, amount_usd=format_usd(amount), wallet=wallet

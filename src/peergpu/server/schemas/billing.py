@@ -140,6 +140,11 @@ class RefundCreate(BaseModel):
 
     job_id: uuid.UUID
     memo: str = Field(default="", max_length=500)
+    platform_pays: bool = Field(
+        default=False,
+        description="the platform pays the refund and the host keeps its earnings "
+        "(default: the charge is reversed, the host's share included)",
+    )
 
 
 class PostedPublic(BaseModel):

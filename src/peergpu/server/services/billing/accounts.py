@@ -6,6 +6,7 @@
     platform:fees             the platform's fee income
     platform:stripe_clearing  money in and out through Stripe (negative: received from outside)
     platform:promotions       promotional and demo credit given away (negative by design)
+    platform:refunds          refunds the platform paid itself, the host keeping its earnings
 
 A *wallet* (``user:<uuid>`` or ``org:<uuid>``) is whoever pays for a job: the job's
 organization when it was submitted in one, else its owner.
@@ -24,15 +25,23 @@ class AccountKind(StrEnum):
     fees = "fees"
     stripe_clearing = "stripe_clearing"
     promotions = "promotions"
+    refunds = "refunds"
 
 
 PLATFORM = "platform"
 PLATFORM_FEES = f"{PLATFORM}:{AccountKind.fees}"
 STRIPE_CLEARING = f"{PLATFORM}:{AccountKind.stripe_clearing}"
 PROMOTIONS = f"{PLATFORM}:{AccountKind.promotions}"
+PLATFORM_REFUNDS = f"{PLATFORM}:{AccountKind.refunds}"
 
 #: Platform accounts that mirror the outside world and so go negative by design.
-_NEGATIVE_BY_DESIGN = frozenset({STRIPE_CLEARING, PROMOTIONS})
+_NEGATIVE_BY_DESIGN = frozenset({STRIPE_CLEARING, PROMOTIONS, PLATFORM_REFUNDS})
+_PLATFORM_KINDS = (
+    AccountKind.fees,
+    AccountKind.stripe_clearing,
+    AccountKind.promotions,
+    AccountKind.refunds,
+)
 
 
 def wallet_of(*, owner_id: uuid.UUID, org_id: uuid.UUID | None) -> str:
@@ -65,14 +74,14 @@ def describe(code: str) -> tuple[str, str, bool]:
     if kind not in AccountKind.__members__:
         raise ValueError(f"unknown ledger account kind in {code!r}")
     if owner == PLATFORM:
-        if kind not in (AccountKind.fees, AccountKind.stripe_clearing, AccountKind.promotions):
+        if kind not in _PLATFORM_KINDS:
             raise ValueError(f"not a platform account: {code!r}")
         return kind, owner, code in _NEGATIVE_BY_DESIGN
     prefix, _, ident = owner.partition(":")
     if prefix not in ("user", "org"):
         raise ValueError(f"ledger account owner must be user:, org: or platform: {code!r}")
     uuid.UUID(ident)  # raises ValueError when malformed
-    if kind in (AccountKind.fees, AccountKind.stripe_clearing, AccountKind.promotions):
+    if kind in _PLATFORM_KINDS:
         raise ValueError(f"only the platform holds {kind} accounts: {code!r}")
     if kind == AccountKind.host_payable and prefix != "user":
         raise ValueError(f"host earnings belong to a user: {code!r}")

@@ -72,11 +72,18 @@ async def grant(
 
 
 async def refund_job(
-    *, session: AsyncSession, job_id: uuid.UUID, memo: str, actor_id: uuid.UUID | None
+    *,
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    memo: str,
+    actor_id: uuid.UUID | None,
+    platform_pays: bool = False,
 ) -> tuple[list[uuid.UUID], int, str]:
-    """Refund every charged attempt of a job by reversing its charge (the host's share comes
-    back out of host payable, the fee out of the platform's). A refunded attempt is not
-    refunded twice. Returns the new transactions, the amount and the wallet. Commits."""
+    """Refund every charged attempt of a job: by reversing its charge (the host's share comes
+    back out of host payable, the fee out of the platform's), or, with ``platform_pays``, out
+    of ``platform:refunds`` with the host keeping its earnings. A refunded attempt is not
+    refunded twice (either way: both postings share the key). Returns the new transactions,
+    the amount and the wallet. Commits."""
     job = await session.get(JobModel, job_id)
     charges = list(
         await session.scalars(
@@ -97,7 +104,16 @@ async def refund_job(
     posted = await ledger.post_many(
         session,
         [
-            postings.refund_job(
+            postings.refund_job_by_platform(
+                wallet=c.wallet,
+                job_id=job_id,
+                settle_transaction_id=c.settle_transaction_id,  # type: ignore[arg-type]
+                charged_micros=c.charged_micros,
+                actor_id=actor_id,
+                memo=memo or f"Refund of job {job_id} (attempt {c.attempt}), paid by the platform.",
+            )
+            if platform_pays
+            else postings.refund_job(
                 wallet=c.wallet,
                 job_id=job_id,
                 settle_transaction_id=c.settle_transaction_id,  # type: ignore[arg-type]

@@ -142,6 +142,30 @@ def refund_job(
     )
 
 
+def refund_job_by_platform(
+    *,
+    wallet: str,
+    job_id: uuid.UUID,
+    settle_transaction_id: uuid.UUID,
+    charged_micros: int,
+    actor_id: uuid.UUID | None,
+    memo: str,
+) -> Posting:
+    """A refund the platform pays itself (its own error, goodwill): the renter gets the charge
+    back from ``platform:refunds`` and the host keeps what it earned."""
+    return transfer(
+        f"refund:{settle_transaction_id}",
+        "refund",
+        source=accounts.PLATFORM_REFUNDS,
+        target=accounts.available(wallet),
+        amount=charged_micros,
+        job_id=job_id,
+        actor_id=actor_id,
+        memo=memo,
+        details={"paid_by": "platform"},
+    )
+
+
 def payout(*, user_id: uuid.UUID, amount: int, payout_id: uuid.UUID) -> Posting:
     """Host payable leaves for the host's connected account (booked before the Transfer)."""
     return transfer(
