@@ -296,11 +296,13 @@ async def run_settlement(context: ServerContext) -> None:
         try:
             async with context.bus.subscribe(SCHEDULER_WAKE_CHANNEL) as wakeups:
                 while True:
-                    await _settle_all(context)
+                    # Wait first: at start-up nothing has ended yet that cannot wait one
+                    # interval, and a server that stops right away is not caught mid-query.
                     await wakeups.get(timeout=settings.billing_settle_seconds)
                     await asyncio.sleep(0.05)  # let a burst of endings land together
                     while await wakeups.get(timeout=0) is not None:
                         pass
+                    await _settle_all(context)
         except asyncio.CancelledError:
             raise
         except ServiceUnavailable as exc:
