@@ -200,4 +200,22 @@ def _sample_job(
                 f"[green]artifact[/] {artifact.path} ({artifact.size} bytes, sha256 "
                 f"{artifact.sha256[:12]}...)  peergpu jobs download {job.id}"
             )
+        _print_cost(client, job.id, console, stop)
         console.rule()
+
+
+def _print_cost(client: PeerGPU, job_id: str, console: Console, stop: threading.Event) -> None:
+    """What the sample job cost, once settled (the settlement loop runs right after the end)."""
+    for _ in range(40):
+        receipt = client.receipt(job_id)
+        if receipt.settled and receipt.charges:
+            charge = receipt.charges[-1]
+            price = charge.price_per_gpu_hour_micros / 1e6
+            console.print(
+                f"[green]cost[/] {receipt.total_usd}: {charge.billed_seconds} s on "
+                f"{charge.gpu_count} GPU at ${price:.2f}/GPU-hour, billed by the second  "
+                f"peergpu jobs receipt {job_id}"
+            )
+            return
+        if stop.wait(0.25):
+            return

@@ -49,7 +49,7 @@ def test_demo_runs_a_sample_job_with_live_logs_and_an_artifact(tmp_path: Path) -
         )
     try:
         deadline = time.monotonic() + 150
-        while "artifact metrics.json" not in log.read_text(errors="replace"):
+        while "peergpu jobs receipt" not in log.read_text(errors="replace"):
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
@@ -57,6 +57,9 @@ def test_demo_runs_a_sample_job_with_live_logs_and_an_artifact(tmp_path: Path) -
         order = ["state queued", "state assigned on demo-4090", "state running", "epoch 20/20"]
         positions = [output.index(marker) for marker in [*order, "state succeeded"]]
         assert positions == sorted(positions), output
+        # The demo runs on the ledger: the job was paid from the renter's demo credit.
+        assert "Demo accounts start with $100 of credit" in output
+        assert "s on 1 GPU at $0.39/GPU-hour, billed by the second" in output, output
         # The printed API key works, and the demo hosts are on the marketplace.
         key = output.split("api key: ")[1].split()[0]
         market = httpx.get(
