@@ -123,6 +123,10 @@ class ServerSettings(BaseSettings):
     )
     stripe_webhook_tolerance_seconds: int = Field(default=300, ge=1)
 
+    # The OpenAI-compatible gateway (/v1): limits per API key, per minute.
+    gateway_requests_per_minute: int = Field(default=600, ge=1)
+    gateway_tokens_per_minute: int = Field(default=1_000_000, ge=1)
+
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
 

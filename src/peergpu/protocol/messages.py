@@ -69,6 +69,17 @@ class FileSpec(_Message):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class ServedModelSpec(_Message):
+    """A model the host serves through the inference gateway, from its agent's settings. The
+    engine's address stays on the host; the server only routes by name."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    kind: Literal["chat", "embeddings"]
+    max_concurrency: int = Field(default=4, ge=1, le=1024)
+    input_price_per_million_micros: int = Field(default=0, ge=0, le=10**12)
+    output_price_per_million_micros: int = Field(default=0, ge=0, le=10**12)
+
+
 # ---------------------------------------------------------------- agent -> server
 
 
@@ -82,6 +93,8 @@ class Hello(_Message):
     runners: list[str] = Field(default_factory=list)
     gpus: list[GpuSpec] = Field(default_factory=list, max_length=64)
     running_jobs: list[uuid.UUID] = Field(default_factory=list)
+    #: Models served through the inference gateway (absent from older agents: none).
+    models: list[ServedModelSpec] = Field(default_factory=list, max_length=64)
 
 
 class Heartbeat(_Message):

@@ -36,6 +36,7 @@ from peergpu.server.api.errors import install_error_handlers
 from peergpu.server.api.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
 from peergpu.server.context import ServerContext
 from peergpu.server.db import migrate
+from peergpu.server.gateway import create_gateway
 from peergpu.server.services.billing.settlement import run_settlement
 from peergpu.server.services.billing.upkeep import run_payments_upkeep
 from peergpu.server.services.scheduler import run_scheduler
@@ -52,6 +53,8 @@ def operation_id(route: APIRoute) -> str:
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
+    gateway = create_gateway()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         context = ServerContext.build(settings)
@@ -59,6 +62,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if settings.migrate_on_start:
                 await migrate.upgrade(context.engine)
             app.state.context = context
+            gateway.state.context = context
             try:
                 await context.storage.check()
             except ServiceUnavailable as exc:  # serve anyway: /readyz reports it until fixed
@@ -141,6 +145,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         payments.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
+
+    app.mount("/v1", gateway)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -10,7 +10,7 @@ from uuid import UUID
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from peergpu.server.db.base import Base, CreatedAtMixin, IdMixin
+from peergpu.server.db.base import Base, CreatedAtMixin, IdMixin, utcnow
 
 
 class HostStatus(StrEnum):
@@ -70,6 +70,23 @@ class HostGpuModel(IdMixin, Base):
     job_id: Mapped[UUID | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL", use_alter=True), default=None, index=True
     )
+
+
+class HostServedModelModel(Base):
+    """A model a host serves through the inference gateway, as its agent's ``hello`` declared
+    it (replaced on every connection)."""
+
+    __tablename__ = "host_served_models"
+
+    host_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    max_concurrency: Mapped[int] = mapped_column(default=4)
+    input_price_per_million_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_price_per_million_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    declared_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class EnrollmentTokenModel(IdMixin, CreatedAtMixin, Base):

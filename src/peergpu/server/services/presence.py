@@ -13,12 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, select, tuple_, update
+from sqlalchemy import bindparam, delete, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.protocol.messages import GpuSampleSpec, Hello
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.host_models import HostGpuModel, HostModel, HostSessionModel, HostStatus
+from peergpu.server.db.host_models import (
+    HostGpuModel,
+    HostModel,
+    HostServedModelModel,
+    HostSessionModel,
+    HostStatus,
+)
 
 
 async def mark_connected(
@@ -48,6 +54,7 @@ async def mark_connected(
         )
     )
     await _replace_gpus(session, host_id, hello)
+    await _replace_served_models(session, host_id, hello, now)
     session.add(HostSessionModel(host_id=host_id, connection_id=connection_id, started_at=now))
     await session.commit()
 
@@ -230,3 +237,28 @@ async def _replace_gpus(session: AsyncSession, host_id: uuid.UUID, hello: Hello)
         else:
             for name, value in facts.items():
                 setattr(row, name, value)
+
+
+async def _replace_served_models(
+    session: AsyncSession, host_id: uuid.UUID, hello: Hello, now: datetime
+) -> None:
+    """The host serves exactly the models its latest ``hello`` declared."""
+    await session.execute(
+        delete(HostServedModelModel).where(HostServedModelModel.host_id == host_id)
+    )
+    if hello.models:
+        await session.execute(
+            insert(HostServedModelModel),
+            [
+                {
+                    "host_id": host_id,
+                    "name": model.name,
+                    "kind": model.kind,
+                    "max_concurrency": model.max_concurrency,
+                    "input_price_per_million_micros": model.input_price_per_million_micros,
+                    "output_price_per_million_micros": model.output_price_per_million_micros,
+                    "declared_at": now,
+                }
+                for model in {m.name: m for m in hello.models}.values()  # last one wins
+            ],
+        )

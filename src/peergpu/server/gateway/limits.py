@@ -1,0 +1,75 @@
+"""Per-key rate limits for the gateway, with OpenAI's ``x-ratelimit-*`` headers.
+
+Two budgets per API key (or per user, for a session token), each a one-minute window on the
+shared rate limiter (Redis in production, in-process in the embedded mode): requests, and
+tokens (a request is charged its prompt estimate plus the completion it may produce). Every
+answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*``
+(``"1s"``, ``"6m0s"``); a refused request is a 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from peergpu.server.context import ServerContext
+from peergpu.server.gateway.errors import OpenAIError
+from peergpu.server.ratelimit.base import RateLimitResult
+from peergpu.server.security.principal import Principal
+
+WINDOW_SECONDS = 60.0
+
+
+async def admit(context: ServerContext, principal: Principal, *, tokens: int = 0) -> dict[str, str]:
+    """Spend one request (and ``tokens``) of the caller's budgets; the headers to send. Raises
+    a 429 :class:`OpenAIError` (with the same headers and ``Retry-After``) when either budget
+    is spent; a refused request spends nothing of the other budget."""
+    settings = context.settings
+    who = str(principal.api_key_id or principal.user_id)
+    requests = await context.rate_limiter.hit(
+        f"gateway:requests:{who}",
+        limit=settings.gateway_requests_per_minute,
+        window_seconds=WINDOW_SECONDS,
+    )
+    headers = _headers("requests", requests)
+    if not requests.allowed:
+        raise _refused("requests", requests, headers)
+    if tokens > 0:
+        spent = await context.rate_limiter.hit(
+            f"gateway:tokens:{who}",
+            limit=settings.gateway_tokens_per_minute,
+            window_seconds=WINDOW_SECONDS,
+            cost=tokens,
+        )
+        headers |= _headers("tokens", spent)
+        if not spent.allowed:
+            raise _refused("tokens", spent, headers)
+    return headers
+
+
+def reset_text(seconds: float) -> str:
+    """OpenAI's duration format: ``"1s"``, ``"250ms"``, ``"6m0s"``."""
+    if seconds < 1:
+        return f"{max(math.ceil(seconds * 1000), 0)}ms"
+    whole = math.ceil(seconds)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+def _headers(kind: str, result: RateLimitResult) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{kind}": str(result.limit),
+        f"x-ratelimit-remaining-{kind}": str(max(result.remaining, 0)),
+        f"x-ratelimit-reset-{kind}": reset_text(result.reset_after),
+    }
+
+
+def _refused(kind: str, result: RateLimitResult, headers: dict[str, str]) -> OpenAIError:
+    wait = max(1, math.ceil(result.retry_after))
+    return OpenAIError(
+        429,
+        f"Rate limit reached for {kind} per minute: limit {result.limit}. Try again in "
+        f"{reset_text(result.retry_after)}.",
+        type=kind,
+        code="rate_limit_exceeded",
+        headers={**headers, "Retry-After": str(wait)},
+    )

@@ -1,0 +1,67 @@
+"""The gateway's endpoints under ``/v1``: thin, as the rest of the API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+
+from peergpu.server.api.deps import ContextDep, SessionDep, get_principal
+from peergpu.server.gateway import catalog, limits
+from peergpu.server.gateway.errors import OpenAIError
+from peergpu.server.gateway.schemas import ModelList, ModelObject, PeerGPUModelInfo
+from peergpu.server.security.principal import Principal
+from peergpu.server.security.scopes import Scope
+
+router = APIRouter()
+
+
+async def _inference_caller(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.can(Scope.inference):
+        raise OpenAIError(
+            403,
+            "This API key does not have the 'inference' scope.",
+            code="insufficient_permissions",
+        )
+    return principal
+
+
+Caller = Annotated[Principal, Depends(_inference_caller)]
+
+
+@router.get("/models")
+async def list_models(
+    principal: Caller, session: SessionDep, context: ContextDep, response: Response
+) -> ModelList:
+    """Models some online host serves now."""
+    response.headers.update(await limits.admit(context, principal))
+    return ModelList(data=[_model(m) for m in await catalog.served_models(session)])
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(
+    model_id: str, principal: Caller, session: SessionDep, context: ContextDep, response: Response
+) -> ModelObject:
+    response.headers.update(await limits.admit(context, principal))
+    found = await catalog.served_models(session, name=model_id)
+    if not found:
+        raise OpenAIError(
+            404,
+            f"The model '{model_id}' does not exist or no host serves it now.",
+            code="model_not_found",
+            param="model",
+        )
+    return _model(found[0])
+
+
+def _model(served: catalog.ServedModel) -> ModelObject:
+    return ModelObject(
+        id=served.name,
+        created=int(served.declared_at.timestamp()),
+        peergpu=PeerGPUModelInfo(
+            kind=served.kind,
+            hosts=served.hosts,
+            input_price_per_million_micros=served.input_price_per_million_micros,
+            output_price_per_million_micros=served.output_price_per_million_micros,
+        ),
+    )
