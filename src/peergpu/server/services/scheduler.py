@@ -177,6 +177,7 @@ async def run_scheduler(context: ServerContext) -> None:
                         # Another replica spent a wallet's credit during this pass; the pass
                         # was rolled back whole. Go again with fresh balances.
                         logger.info("scheduler pass rolled back: %s", exc.message)
+                        await asyncio.sleep(0.05)  # never a tight loop, whatever the cause
                         continue
                     if result.assigned and result.considered >= settings.scheduler_batch_size:
                         continue  # a full batch: there is probably more to do right away
