@@ -283,3 +283,21 @@ async def test_hosts_over_the_threshold_are_paid_out_automatically(billing: Bill
     assert transfer.params["amount"] == "3000"
     listed = (await billing.client.get(PAYOUTS, headers=rich.headers)).json()
     assert [(p["state"], p["amount_micros"]) for p in listed["data"]] == [("paid", 30_000_000)]
+
+
+async def test_a_refused_automatic_payout_is_not_asked_again_every_few_seconds(
+    billing: Billing,
+) -> None:
+    host = await _host(billing)
+    await billing.onboard(host)
+    await billing.give_payable(host, 30_000_000)
+    context = billing.context
+    context.settings.payout_auto_threshold_micros = 20_000_000
+    try:
+        billing.fake.fail_next("/v1/transfers", message="Your platform balance is too low.")
+        assert await payouts.pay_out_above_threshold(context=context) == 1
+        assert await billing.payable(host) == 30_000_000  # booked back
+        assert await payouts.pay_out_above_threshold(context=context) == 0
+    finally:
+        context.settings.payout_auto_threshold_micros = 0
+    assert len(billing.fake.calls("POST", "/v1/transfers")) == 1

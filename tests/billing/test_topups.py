@@ -271,3 +271,29 @@ async def test_the_upkeep_loop_finds_wallets_under_their_threshold(billing: Bill
     assert sent.params["metadata"]["wallet"] == wallet
     await upkeep.upkeep_once(billing.context)  # under way: not a second charge
     assert len(billing.fake.calls("POST", "/v1/payment_intents")) == 1
+
+
+async def test_a_failed_payment_webhook_pauses_and_a_day_later_upkeep_tries_again(
+    billing: Billing,
+) -> None:
+    from peergpu.server.services.billing import upkeep
+
+    wallet, _card = await _save_card_and_enable_auto_topup(billing)
+    [intent_id] = await topups.auto_topup_if_low(context=billing.context, wallets=[wallet])
+    failed = billing.fake.update(intent_id, status="requires_payment_method")
+    await billing.send_event("payment_intent.payment_failed", failed)
+    async with billing.context.sessionmaker() as session:
+        profile = await session.get(BillingProfileModel, wallet)
+        assert profile is not None and profile.auto_topup_pending_id
+        assert profile.auto_topup_pending_id.startswith(topups.DECLINED_PREFIX)
+    await upkeep.upkeep_once(billing.context)
+    assert len(billing.fake.calls("POST", "/v1/payment_intents")) == 1  # paused
+    async with billing.context.sessionmaker() as session:
+        await session.execute(
+            update(BillingProfileModel)
+            .where(BillingProfileModel.wallet == wallet)
+            .values(auto_topup_pending_at=utcnow() - topups.GIVE_UP_AFTER - timedelta(minutes=1))
+        )
+        await session.commit()
+    await upkeep.upkeep_once(billing.context)
+    assert len(billing.fake.calls("POST", "/v1/payment_intents")) == 2

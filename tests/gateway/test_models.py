@@ -186,3 +186,12 @@ async def test_hello_declares_the_models_a_host_serves(context: ServerContext) -
     assert first == [("a", "chat", 2), ("b", "embeddings", 4)]
     assert await connect(ServedModelSpec(name="b", kind="embeddings")) == [("b", "embeddings", 4)]
     assert await connect() == []
+
+
+async def test_a_body_too_large_is_refused_in_openai_shape(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/models", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -223,6 +223,7 @@ async def refund_job(body: RefundCreate, principal: Admin, session: SessionDep) 
 @router.get("/admin/billing/ledger-check", responses=errors(403))
 async def ledger_check(_principal: Admin, session: SessionDep) -> LedgerCheckPublic:
     """Re-derive every balance from the entries and report any disagreement."""
+    await session.rollback()  # end the transaction authentication began: one fresh snapshot
     report = await ledger.check(session)
     return LedgerCheckPublic(
         ok=report.ok,

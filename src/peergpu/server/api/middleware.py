@@ -53,7 +53,7 @@ class BodySizeLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         received = 0
         response_started = False
@@ -76,18 +76,26 @@ class BodySizeLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not response_started:
-                await self._refuse(send)
+                await self._refuse(scope, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"The request body is larger than {self.max_bytes} bytes."
+        error: dict[str, object] = (
+            # The OpenAI-compatible gateway answers in OpenAI's error shape.
             {
-                "error": {
-                    "code": "payload_too_large",
-                    "message": f"The request body is larger than {self.max_bytes} bytes.",
-                    "details": {"max_bytes": self.max_bytes},
-                }
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "request_too_large",
             }
-        ).encode()
+            if str(scope.get("path", "")).startswith("/v1/")
+            else {
+                "code": "payload_too_large",
+                "message": message,
+                "details": {"max_bytes": self.max_bytes},
+            }
+        )
+        body = json.dumps({"error": error}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -22,7 +22,8 @@ WINDOW_SECONDS = 60.0
 async def admit(context: ServerContext, principal: Principal, *, tokens: int = 0) -> dict[str, str]:
     """Spend one request (and ``tokens``) of the caller's budgets; the headers to send. Raises
     a 429 :class:`OpenAIError` (with the same headers and ``Retry-After``) when either budget
-    is spent; a refused request spends nothing of the other budget."""
+    is spent. A request refused for requests spends no tokens; one refused for tokens has
+    spent its request (the request budget is checked first)."""
     settings = context.settings
     who = str(principal.api_key_id or principal.user_id)
     requests = await context.rate_limiter.hit(

@@ -42,7 +42,8 @@ async def list_models(
 async def retrieve_model(
     model_id: str, principal: Caller, session: SessionDep, context: ContextDep, response: Response
 ) -> ModelObject:
-    response.headers.update(await limits.admit(context, principal))
+    headers = await limits.admit(context, principal)
+    response.headers.update(headers)
     found = await catalog.served_models(session, name=model_id)
     if not found:
         raise OpenAIError(
@@ -50,6 +51,7 @@ async def retrieve_model(
             f"The model '{model_id}' does not exist or no host serves it now.",
             code="model_not_found",
             param="model",
+            headers=headers,
         )
     return _model(found[0])
 

@@ -343,11 +343,14 @@ async def _apply_finals(
     )
     if released.rowcount:  # type: ignore[attr-defined]
         applied.freed_gpus = True
+    requeued = {job_id for job_id, _state in stopped}  # they run again: not archived yet
     applied.archive.extend(
         await session.scalars(
             select(JobLogChunkModel.job_id)
             .where(
-                JobLogChunkModel.job_id.in_([job_id for job_id, _host in ended]),
+                JobLogChunkModel.job_id.in_(
+                    [job_id for job_id, _host in ended if job_id not in requeued]
+                ),
                 JobLogChunkModel.line_count > 0,
             )
             .distinct()

@@ -12,8 +12,9 @@ jobs it assigns:
    other jobs.
 3. Match in memory: for each job the cheapest eligible host, then the most reliable, then the
    least loaded, among hosts with enough free GPUs of the right model and VRAM.
-   Then each match's wallet must cover its hold (price x GPUs x max duration, see
-   ``billing.holds``); a job it cannot cover stays queued with a message saying why.
+   While matching, each job's wallet must cover its hold on the chosen host (price x GPUs x
+   max duration, see ``billing.holds``); a job it cannot cover takes no GPU and stays queued
+   with a message saying why.
 4. Claim every matched GPU with one conditional UPDATE (``WHERE job_id IS NULL``, on
    PostgreSQL over rows locked with ``SKIP LOCKED``) that returns what it claimed. A job whose
    claim came up short (another replica got a GPU first) gives back what it got and waits for

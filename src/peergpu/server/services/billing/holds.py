@@ -6,7 +6,8 @@ also shortens the run time sent to the host so the job stops at the cap). A wall
 monthly spending cap must also stay under it, counting what it was charged this month and
 what it holds now.
 
-:func:`open_budget` reads (and locks) the credit of a pass's wallets; the scheduler asks the
+:func:`open_budget` reads the credit of a pass's wallets (and, for wallets with a monthly
+cap, takes a per-wallet lock so that replicas take turns with the cap); the scheduler asks the
 :class:`Budget` for each job as it matches it, in queue order, so a wallet's first jobs get
 its credit first and a job nobody pays for never takes a GPU from one that is paid for.
 :func:`place` books the holds and the ``job_charges`` rows of the jobs really assigned, in the
@@ -110,7 +111,7 @@ async def open_budget(session: AsyncSession, wallets: Iterable[str]) -> Budget:
     ordered = sorted(set(wallets))
     balance = await ledger.balances(session, [accounts.available(w) for w in ordered])
     available = {w: balance.get(accounts.available(w), 0) for w in ordered}
-    return Budget(available, await cap_room(session, ordered))
+    return Budget(available, await cap_room(session, ordered, lock=True))
 
 
 async def place(
@@ -167,9 +168,14 @@ async def note_waiting(session: AsyncSession, waiting: dict[uuid.UUID, str]) -> 
     )
 
 
-async def cap_room(session: AsyncSession, wallets: Sequence[str]) -> dict[str, int]:
+async def cap_room(
+    session: AsyncSession, wallets: Sequence[str], *, lock: bool = False
+) -> dict[str, int]:
     """For each wallet with a monthly cap: how much more it may spend this calendar month
-    (the cap minus this month's charges minus its open holds)."""
+    (the cap minus this month's charges minus its open holds). With ``lock`` (the scheduler),
+    each capped wallet's advisory lock is taken first, in wallet order, until the transaction
+    ends (PostgreSQL): the ledger guards the credit but not the cap, so two replicas' passes
+    take turns with a capped wallet instead of both spending the same room."""
     rows = await session.execute(
         select(BillingProfileModel.wallet, BillingProfileModel.monthly_cap_micros).where(
             BillingProfileModel.wallet.in_(wallets),
@@ -179,6 +185,9 @@ async def cap_room(session: AsyncSession, wallets: Sequence[str]) -> dict[str, i
     caps = {wallet: int(cap) for wallet, cap in rows if cap is not None}
     if not caps:
         return {}
+    if lock and session.get_bind().dialect.name == "postgresql":
+        for wallet in sorted(caps):  # only schedulers take these: one order, no cycle
+            await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(wallet))))
     used: dict[str, int] = defaultdict(int)
     open_or_charged = case(
         (JobChargeModel.settled_at.is_(None), JobChargeModel.hold_micros),

@@ -181,11 +181,17 @@ async def pay_out_above_threshold(*, context: ServerContext, limit: int = 100) -
             )
         )
         user_ids = [uuid.UUID(owner.removeprefix("user:")) for owner in owners]
+        refused_lately = select(PayoutModel.user_id).where(
+            PayoutModel.state == "failed", PayoutModel.updated_at > utcnow() - REFUSED_PAUSE
+        )
         ready = list(
             await session.scalars(
                 select(PayoutAccountModel).where(
                     PayoutAccountModel.user_id.in_(user_ids),
                     PayoutAccountModel.payouts_enabled.is_(True),
+                    # Stripe refused this host's last transfer: an operator or the host must
+                    # act; asking again every few seconds would only pile up failures.
+                    PayoutAccountModel.user_id.not_in(refused_lately),
                 )
             )
         )
@@ -227,6 +233,8 @@ async def _book_and_send(
     return await _send(session, settings, payout)
 
 
+#: After Stripe refuses a host's transfer, automatic payouts leave that host alone this long.
+REFUSED_PAUSE = timedelta(hours=24)
 #: How long after booking a pending payout may be re-sent (inside Stripe's idempotency window).
 RESEND_WINDOW = timedelta(hours=23)
 

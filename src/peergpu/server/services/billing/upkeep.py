@@ -17,6 +17,7 @@ import logging
 from sqlalchemy import or_, select
 
 from peergpu.server.context import ServerContext
+from peergpu.server.db.base import utcnow
 from peergpu.server.db.billing_models import BillingProfileModel
 from peergpu.server.services.billing import accounts, ledger, payouts, topups
 
@@ -61,6 +62,9 @@ async def _wallets_due_a_top_up(context: ServerContext) -> list[str]:
                     or_(
                         BillingProfileModel.auto_topup_pending_id.is_(None),
                         BillingProfileModel.auto_topup_pending_id.startswith(topups.ATTEMPT_PREFIX),
+                        # A declined card's pause, or an intent whose webhook never came:
+                        # after GIVE_UP_AFTER the mark no longer blocks a new attempt.
+                        BillingProfileModel.auto_topup_pending_at < utcnow() - topups.GIVE_UP_AFTER,
                     ),
                 )
             )

@@ -264,7 +264,7 @@ async def _payment_intent_failed(session: AsyncSession, obj: StripeObject) -> st
     wallet = _wallet(metadata.get("wallet"))
     if metadata.get("purpose") != "auto_topup" or wallet is None:
         return "ignored"
-    await _clear_pending(session, wallet, _str(obj, "id"), metadata)
+    await _clear_pending(session, wallet, _str(obj, "id"), metadata, declined=True)
     error = obj.get("last_payment_error")
     reason = error.get("message") if isinstance(error, dict) else None
     logger.warning("automatic top-up of %s failed: %s", wallet, reason)
@@ -272,16 +272,29 @@ async def _payment_intent_failed(session: AsyncSession, obj: StripeObject) -> st
 
 
 async def _clear_pending(
-    session: AsyncSession, wallet: str, intent: str, metadata: dict[str, str]
+    session: AsyncSession,
+    wallet: str,
+    intent: str,
+    metadata: dict[str, str],
+    *,
+    declined: bool = False,
 ) -> None:
     """Free the wallet for its next automatic top-up if this intent was the pending one
-    (known by its id, or by its attempt key when the webhook beat our own bookkeeping)."""
+    (known by its id, or by its attempt key when the webhook beat our own bookkeeping); a
+    declined payment leaves the pause a declined card gets instead (see ``topups``)."""
     marks = [intent] + ([metadata["attempt"]] if metadata.get("attempt") else [])
+    now = utcnow()
+    mark = f"{DECLINED_PREFIX}{intent}"[:255]
+    values: dict[str, object] = (
+        {"auto_topup_pending_id": mark, "auto_topup_pending_at": now}
+        if declined
+        else {"auto_topup_pending_id": None, "auto_topup_pending_at": None}
+    )
     await session.execute(
         update(BillingProfileModel)
         .where(BillingProfileModel.wallet == wallet)
         .where(BillingProfileModel.auto_topup_pending_id.in_(marks))
-        .values(auto_topup_pending_id=None, auto_topup_pending_at=None, updated_at=utcnow())
+        .values(**values, updated_at=now)
     )
 
 
