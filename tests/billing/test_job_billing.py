@@ -186,6 +186,8 @@ async def test_without_credit_a_job_waits_and_says_why(context: ServerContext) -
             memo="",
             actor_id=None,
         )
+    assert (await scheduler.schedule_once(context)).assigned == []  # left out a few seconds
+    scheduler._unfunded.clear()  # as if those seconds had passed
     assert len((await scheduler.schedule_once(context)).assigned) == 1
     assert (await get_job(context, job)).message == ""
 
@@ -418,3 +420,21 @@ async def test_a_refund_the_platform_pays_leaves_the_host_its_earnings(
     async with context.sessionmaker() as session:
         with pytest.raises(Conflict):  # refunded once, whichever way
             await admin.refund_job(session=session, job_id=job, memo="", actor_id=None)
+
+
+async def test_a_renter_without_credit_cannot_starve_the_queue(context: ServerContext) -> None:
+    """Many high-priority jobs nobody pays for fill a whole batch once; the next passes leave
+    that renter's queue out for a few seconds, so the others' jobs run."""
+    broke = await make_renter(context, credit=1)
+    funded = await make_renter(context)
+    owner = await make_renter(context, credit=0)
+    await make_host(context, owner, price=PRICE, gpus=[("T4", 16000)] * 2)
+    for _ in range(3):
+        await make_job(context, broke, priority=10)
+    paid = await make_job(context, funded)
+    context.settings.scheduler_batch_size = 2  # the broke renter's jobs fill a batch
+    try:
+        assert (await scheduler.schedule_once(context)).assigned == []
+        assert [a.job_id for a in (await scheduler.schedule_once(context)).assigned] == [paid]
+    finally:
+        context.settings.scheduler_batch_size = 200

@@ -10,7 +10,7 @@ job could make the batch, and only their first ``size`` jobs each, are ranked (t
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import Select, func, select, union_all
@@ -23,16 +23,20 @@ _UNION_TERMS = 400
 _QUEUED = JobState.queued.value
 
 
-def heads_statement(size: int) -> Select[uuid.UUID, int]:
+def heads_statement(size: int, skip_owners: Collection[uuid.UUID] = ()) -> Select[uuid.UUID, int]:
     """The (renter, priority) queues whose oldest job could be among the next ``size`` jobs:
-    every job in the batch ranks after its own queue's head, so at most ``size`` heads matter."""
-    return (
+    every job in the batch ranks after its own queue's head, so at most ``size`` heads matter.
+    ``skip_owners``' queues are left out (renters whose credit just fell short)."""
+    query = (
         select(JobModel.owner_id, JobModel.priority)
         .where(JobModel.state == _QUEUED)
         .group_by(JobModel.owner_id, JobModel.priority)
         .order_by(JobModel.priority.desc(), func.min(JobModel.created_at))
         .limit(size)
     )
+    if skip_owners:
+        query = query.where(JobModel.owner_id.not_in(list(skip_owners)))
+    return query
 
 
 def order_statement(heads: Sequence[tuple[uuid.UUID, int]], size: int) -> Select[Any]:
@@ -68,9 +72,14 @@ def order_statement(heads: Sequence[tuple[uuid.UUID, int]], size: int) -> Select
     )
 
 
-async def take_batch(session: AsyncSession, size: int) -> list[JobModel]:
+async def take_batch(
+    session: AsyncSession, size: int, skip_owners: Collection[uuid.UUID] = ()
+) -> list[JobModel]:
     """Queued jobs in queue order (priority, fair share, age), locked on PostgreSQL."""
-    heads = [(owner, priority) for owner, priority in await session.execute(heads_statement(size))]
+    heads = [
+        (owner, priority)
+        for owner, priority in await session.execute(heads_statement(size, skip_owners))
+    ]
     if not heads:
         return []
     ids = list(await session.scalars(order_statement(heads, size)))

@@ -37,6 +37,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -94,6 +95,34 @@ class _Host:
     """Free GPUs, by index."""
 
 
+class _RecentlyUnfunded:
+    """Renters whose credit just fell short of a job's hold. Their queues are left out of the
+    next passes for a few seconds, so a renter with many high-priority jobs and no credit
+    cannot fill every batch and starve everyone else; after that they are tried again (a
+    top-up may have come). Per replica, in memory."""
+
+    SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self._until: dict[uuid.UUID, float] = {}
+
+    def note(self, owners: Iterable[uuid.UUID]) -> None:
+        until = time.monotonic() + self.SECONDS
+        for owner in owners:
+            self._until[owner] = until
+
+    def clear(self) -> None:
+        self._until.clear()
+
+    def current(self) -> list[uuid.UUID]:
+        now = time.monotonic()
+        self._until = {owner: t for owner, t in self._until.items() if t > now}
+        return list(self._until)
+
+
+_unfunded = _RecentlyUnfunded()
+
+
 @dataclass(frozen=True)
 class Assignment:
     job_id: uuid.UUID
@@ -131,13 +160,18 @@ async def schedule_once(context: ServerContext) -> PassResult:
         hosts = await _free_capacity(session)
         if not hosts:
             return PassResult(assigned=[], considered=0)
-        jobs = await _take_batch(session, context.settings.scheduler_batch_size)
+        jobs = await _take_batch(
+            session, context.settings.scheduler_batch_size, _unfunded.current()
+        )
         if not jobs:
             await session.rollback()
             return PassResult(assigned=[], considered=0)
         budget = await holds.open_budget(session, {_wallet(job) for job in jobs})
         matches, waiting = _match_all(jobs, hosts, budget)
         await holds.note_waiting(session, waiting)
+        _unfunded.note(
+            job.owner_id for job in jobs if waiting.get(job.id, "").startswith(holds.NO_CREDIT)
+        )
         if not matches:
             await (session.commit() if waiting else session.rollback())
             return PassResult(assigned=[], considered=len(jobs))
