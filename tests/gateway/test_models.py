@@ -195,3 +195,12 @@ async def test_a_body_too_large_is_refused_in_openai_shape(http: httpx.AsyncClie
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_a_model_id_no_host_could_declare_is_404_not_a_database_error(
+    http: httpx.AsyncClient,
+) -> None:
+    key = await _key(http, ["inference"])
+    response = await http.get("/v1/models/bad%00id", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 404, response.text  # no host can serve such a name
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -69,11 +69,15 @@ class FileSpec(_Message):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+#: What a served model's name may look like (Hugging Face ids, Ollama tags: ``org/name:tag``).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+
+
 class ServedModelSpec(_Message):
     """A model the host serves through the inference gateway, from its agent's settings. The
     engine's address stays on the host; the server only routes by name."""
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)
     kind: Literal["chat", "embeddings"]
     max_concurrency: int = Field(default=4, ge=1, le=1024)
     input_price_per_million_micros: int = Field(default=0, ge=0, le=10**12)

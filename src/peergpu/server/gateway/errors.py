@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peergpu import errors
@@ -75,6 +75,7 @@ def install_openai_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.PeerGPUError, _domain)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(DataError, _bad_data)  # type: ignore[arg-type]
     app.add_exception_handler(DBAPIError, _database)
     app.add_exception_handler(ConnectionError, _database)
     app.add_exception_handler(Exception, _unexpected)
@@ -111,6 +112,14 @@ async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
     message = "Unknown request URL." if exc.status_code == 404 else str(exc.detail)
     return error_response(OpenAIError(exc.status_code, message, code=code))
+
+
+async def _bad_data(_request: Request, exc: DataError) -> JSONResponse:
+    """The database refused a value from the request (a NUL byte in a model id...)."""
+    logger.info("gateway: value refused by the database: %s", exc.orig)
+    return error_response(
+        OpenAIError(400, "A value in the request is not valid.", code="invalid_value")
+    )
 
 
 async def _database(_request: Request, exc: Exception) -> JSONResponse:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
+from peergpu.protocol.messages import MODEL_NAME_PATTERN
 from peergpu.server.api.deps import ContextDep, SessionDep, get_principal
 from peergpu.server.gateway import catalog, limits
 from peergpu.server.gateway.errors import OpenAIError
@@ -14,6 +16,7 @@ from peergpu.server.security.principal import Principal
 from peergpu.server.security.scopes import Scope
 
 router = APIRouter()
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 async def _inference_caller(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
@@ -44,7 +47,11 @@ async def retrieve_model(
 ) -> ModelObject:
     headers = await limits.admit(context, principal)
     response.headers.update(headers)
-    found = await catalog.served_models(session, name=model_id)
+    found = (
+        await catalog.served_models(session, name=model_id)
+        if _MODEL_NAME.fullmatch(model_id)
+        else []  # no host can declare such a name: do not even ask the database
+    )
     if not found:
         raise OpenAIError(
             404,
