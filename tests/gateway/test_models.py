@@ -26,7 +26,12 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 async def gateway_app(settings: ServerSettings) -> AsyncIterator[FastAPI]:
-    application = create_app(settings.model_copy(update={"gateway_requests_per_minute": 5}))
+    # No background loops: these tests need none, and a loop's query still in flight when a
+    # short test ends would outlive its event loop.
+    configured = settings.model_copy(
+        update={"gateway_requests_per_minute": 5, "scheduler_enabled": False}
+    )
+    application = create_app(configured)
     async with application.router.lifespan_context(application):
         yield application
 
