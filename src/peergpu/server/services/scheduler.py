@@ -96,10 +96,10 @@ class _Host:
 
 
 class _RecentlyUnfunded:
-    """Renters whose credit just fell short of a job's hold. Their queues are left out of the
-    next passes for a few seconds, so a renter with many high-priority jobs and no credit
-    cannot fill every batch and starve everyone else; after that they are tried again (a
-    top-up may have come). Per replica, in memory."""
+    """Renters whose credit (or spending cap) just fell short of a job's hold. Their queues
+    are left out of the next passes for a few seconds, so a renter with many high-priority jobs
+    and no credit cannot fill every batch and starve everyone else; after that they are tried
+    again (a top-up may have come). Per replica, in memory."""
 
     SECONDS = 5.0
 
@@ -169,9 +169,7 @@ async def schedule_once(context: ServerContext) -> PassResult:
         budget = await holds.open_budget(session, {_wallet(job) for job in jobs})
         matches, waiting = _match_all(jobs, hosts, budget)
         await holds.note_waiting(session, waiting)
-        _unfunded.note(
-            job.owner_id for job in jobs if waiting.get(job.id, "").startswith(holds.NO_CREDIT)
-        )
+        _unfunded.note(job.owner_id for job in jobs if job.id in waiting)
         if not matches:
             await (session.commit() if waiting else session.rollback())
             return PassResult(assigned=[], considered=len(jobs))
