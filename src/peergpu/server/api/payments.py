@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from peergpu.server.api.deps import ContextDep, Reader, SessionDep, Writer
 from peergpu.server.api.errors import error_response
-from peergpu.server.api.responses import AUTHENTICATED
+from peergpu.server.api.responses import AUTHENTICATED, errors
 from peergpu.server.db.billing_models import PayoutModel
-from peergpu.server.schemas.errors import ErrorBody
 from peergpu.server.schemas.payments import (
     CheckoutCreate,
     CheckoutCreated,
@@ -27,23 +26,11 @@ from peergpu.server.services.billing.ledger import format_usd
 
 router = APIRouter(tags=["payments"])
 
-_DESCRIPTIONS = {
-    400: "The webhook's signature or body was refused",
-    402: "Not enough money for this",
-    404: "Not found (or not visible to you)",
-    409: "Conflicts with the current state, or refused by Stripe",
-    503: "Stripe is not configured or not reachable; retry later",
-}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
-
 
 @router.post(
     "/billing/checkout",
     status_code=status.HTTP_201_CREATED,
-    responses={**AUTHENTICATED, **_errors(404, 409, 503)},
+    responses={**AUTHENTICATED, **errors(404, 409, 503)},
 )
 async def create_checkout(
     body: CheckoutCreate,
@@ -82,7 +69,7 @@ async def create_checkout(
 @router.post(
     "/billing/stripe/webhook",
     response_model=WebhookAck,
-    responses=_errors(400, 503),
+    responses=errors(400, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -109,7 +96,7 @@ async def stripe_webhook(
     return JSONResponse(ack.model_dump())
 
 
-@router.post("/host/payout-account", responses={**AUTHENTICATED, **_errors(409, 503)})
+@router.post("/host/payout-account", responses={**AUTHENTICATED, **errors(409, 503)})
 async def start_payout_onboarding(
     principal: Writer, session: SessionDep, context: ContextDep
 ) -> OnboardingLinkPublic:
@@ -145,7 +132,7 @@ async def read_payout_account(
 @router.post(
     "/host/payouts",
     status_code=status.HTTP_201_CREATED,
-    responses={**AUTHENTICATED, **_errors(402, 409, 503)},
+    responses={**AUTHENTICATED, **errors(402, 409, 503)},
 )
 async def create_payout(
     body: PayoutCreate, principal: Writer, session: SessionDep, context: ContextDep

@@ -5,6 +5,7 @@ from typing import Any
 from peergpu.server.schemas.errors import ErrorBody
 
 _DESCRIPTIONS = {
+    400: "Bad request (a webhook's signature or body refused)",
     401: "Not authenticated",
     402: "Not enough credit (or a spending cap reached)",
     403: "Not allowed",
@@ -13,6 +14,7 @@ _DESCRIPTIONS = {
     413: "Too large",
     422: "Invalid input",
     429: "Rate limited",
+    503: "A service it needs is not configured or not reachable; retry later",
 }
 
 

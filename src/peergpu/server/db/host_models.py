@@ -7,7 +7,16 @@ from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ColumnElement,
+    ForeignKey,
+    Index,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from peergpu.server.db.base import Base, CreatedAtMixin, IdMixin, utcnow
@@ -47,6 +56,20 @@ class HostModel(IdMixin, CreatedAtMixin, Base):
     #: Share of the last 30 days online (0..1), refreshed by the sweeper; the scheduler's
     #: tie-breaker after price.
     reliability: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
+
+
+def taking_work() -> tuple[ColumnElement[bool], ...]:
+    """Conditions on ``HostModel`` for hosts that take work now: online, unpaused, enrolled."""
+    return (
+        HostModel.status == HostStatus.online.value,
+        HostModel.paused.is_(False),
+        HostModel.revoked_at.is_(None),
+    )
+
+
+def taking_jobs() -> tuple[ColumnElement[bool], ...]:
+    """:func:`taking_work`, and priced (an unpriced host gets no jobs)."""
+    return (*taking_work(), HostModel.price_per_gpu_hour_micros.is_not(None))
 
 
 class HostGpuModel(IdMixin, Base):

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from peergpu.server.db.host_models import HostModel, HostServedModelModel, HostStatus
+from peergpu.server.db.host_models import HostModel, HostServedModelModel, taking_work
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,6 @@ class ServedModel:
     declared_at: datetime
     input_price_per_million_micros: int
     output_price_per_million_micros: int
-
-
-_SERVING = (
-    HostModel.status == HostStatus.online.value,
-    HostModel.paused.is_(False),
-    HostModel.revoked_at.is_(None),
-)
 
 
 async def served_models(session: AsyncSession, name: str | None = None) -> list[ServedModel]:
@@ -44,7 +37,7 @@ async def served_models(session: AsyncSession, name: str | None = None) -> list[
             func.min(model.output_price_per_million_micros),
         )
         .join(HostModel, HostModel.id == model.host_id)
-        .where(*_SERVING)
+        .where(*taking_work())
         .group_by(model.name, model.kind)
         .order_by(model.name, func.count().desc())
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 
 from peergpu.protocol.messages import MODEL_NAME_PATTERN
-from peergpu.server.api.deps import ContextDep, SessionDep, get_principal
+from peergpu.server.api.deps import ContextDep, SessionDep, require_scope
 from peergpu.server.gateway import catalog, limits
 from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.gateway.schemas import ModelList, ModelObject, PeerGPUModelInfo
@@ -19,17 +19,8 @@ router = APIRouter()
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
-async def _inference_caller(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-    if not principal.can(Scope.inference):
-        raise OpenAIError(
-            403,
-            "This API key does not have the 'inference' scope.",
-            code="insufficient_permissions",
-        )
-    return principal
-
-
-Caller = Annotated[Principal, Depends(_inference_caller)]
+#: A key with the ``inference`` scope (403 ``insufficient_permissions`` otherwise).
+Caller = Annotated[Principal, Depends(require_scope(Scope.inference))]
 
 
 @router.get("/models")

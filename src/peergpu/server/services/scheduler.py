@@ -59,7 +59,7 @@ from peergpu.server.agents import dispatch
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, job_channel
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.host_models import HostGpuModel, HostModel, HostStatus
+from peergpu.server.db.host_models import HostGpuModel, HostModel, taking_jobs
 from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
 from peergpu.server.services import job_maintenance, job_states
 from peergpu.server.services.billing import accounts as billing_accounts
@@ -243,12 +243,7 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
             HostModel.owner_id,
         )
         .join(HostModel, HostModel.id == HostGpuModel.host_id)
-        .where(
-            HostModel.status == HostStatus.online.value,
-            HostModel.paused.is_(False),
-            HostModel.revoked_at.is_(None),
-            HostModel.price_per_gpu_hour_micros.is_not(None),
-        )
+        .where(*taking_jobs())
         .order_by(HostGpuModel.host_id, HostGpuModel.index)
     )
     hosts: dict[uuid.UUID, _Host] = {}

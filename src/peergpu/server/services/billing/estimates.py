@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from peergpu.server.db.host_models import HostGpuModel, HostModel, HostStatus
+from peergpu.server.db.host_models import HostGpuModel, HostModel, taking_jobs
 from peergpu.server.services.billing import accounts, holds, ledger
 
 
@@ -143,12 +143,7 @@ async def _cheapest_host(session: AsyncSession, need: Need) -> tuple[int | None,
             HostGpuModel.job_id,
         )
         .join(HostGpuModel, HostGpuModel.host_id == HostModel.id)
-        .where(
-            HostModel.status == HostStatus.online.value,
-            HostModel.paused.is_(False),
-            HostModel.revoked_at.is_(None),
-            HostModel.price_per_gpu_hour_micros.is_not(None),
-        )
+        .where(*taking_jobs())
     )
     if need.max_price_per_gpu_hour_micros is not None:
         query = query.where(

@@ -32,9 +32,6 @@ from peergpu.server.db.billing_models import BillingProfileModel, JobChargeModel
 from peergpu.server.db.job_models import JobModel
 from peergpu.server.services.billing import accounts, ledger, postings
 
-#: How the message of a job its wallet cannot pay for starts.
-NO_CREDIT = "Waiting for credit"
-
 
 @dataclass(frozen=True)
 class HoldRequest:
@@ -89,7 +86,7 @@ class Budget:
         left = self._left.get(wallet, 0)
         if hold.amount > left:
             return (
-                f"{NO_CREDIT}: this job needs a hold of {ledger.format_usd(hold.amount)}"
+                f"Waiting for credit: this job needs a hold of {ledger.format_usd(hold.amount)}"
                 f" and {ledger.format_usd(max(left, 0))} is available. Top up with"
                 " `peergpu billing topup`."
             )

@@ -105,18 +105,17 @@ def outcome_of(
 @dataclass(frozen=True)
 class SweepResult:
     settled: int
-    wallets: list[str]
 
 
 async def settle_open(context: ServerContext, *, limit: int = BATCH) -> SweepResult:
-    """Settle up to ``limit`` ended attempts in one transaction; returns how many, and the
-    wallets they touched. If the batch fails (a row the books refuse), its attempts are
-    settled one by one so that the others go through, and one that keeps failing is left
-    aside (logged) for this process's later sweeps instead of blocking them."""
+    """Settle up to ``limit`` ended attempts in one transaction; returns how many. If the
+    batch fails (a row the books refuse), its attempts are settled one by one so that the
+    others go through, and one that keeps failing is left aside (logged) for this process's
+    later sweeps instead of blocking them."""
     async with context.sessionmaker() as session:
         settlements = await _read_ended(context, session, limit=limit)
         if not settlements:
-            return SweepResult(0, [])
+            return SweepResult(0)
         keys = [(charge.job_id, charge.attempt) for charge, _ in settlements]
         try:
             await _book(session, settlements, now=utcnow())
@@ -127,7 +126,7 @@ async def settle_open(context: ServerContext, *, limit: int = BATCH) -> SweepRes
             await session.rollback()
             logger.exception("settling %d charges at once failed; one by one", len(keys))
             settlements = [s for key in keys if (s := await _settle_one(context, key))]
-    return SweepResult(len(settlements), sorted({charge.wallet for charge, _ in settlements}))
+    return SweepResult(len(settlements))
 
 
 async def _read_ended(
