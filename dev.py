@@ -28,7 +28,9 @@ def main(argv: list[str]) -> int:
         return 2
     os.chdir(ROOT)
     uv = ensure_uv()
-    run([uv, "sync", "--frozen", "--python", sys.executable])
+    # The engines extra (CPU torch, the demo's embedding and chat models) serves the demo's
+    # inference gateway and its tests.
+    run([uv, "sync", "--frozen", "--extra", "engines", "--python", sys.executable])
     return COMMANDS[argv[0]](uv, argv[1:])
 
 
