@@ -126,6 +126,12 @@ class ServerSettings(BaseSettings):
     # The OpenAI-compatible gateway (/v1): limits per API key, per minute.
     gateway_requests_per_minute: int = Field(default=600, ge=1)
     gateway_tokens_per_minute: int = Field(default=1_000_000, ge=1)
+    #: A request ends with 504 after this long, streaming or not.
+    gateway_request_timeout_seconds: float = Field(default=600.0, gt=0)
+    #: A host that sends nothing for this long is given up on (and the request retried once).
+    gateway_first_token_timeout_seconds: float = Field(default=60.0, gt=0)
+    #: How long a request waits for a free slot when every host is at its concurrency.
+    gateway_queue_timeout_seconds: float = Field(default=30.0, ge=0)
 
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = Field(default=1 << 20, ge=1024)

@@ -1,6 +1,7 @@
 """``peergpu demo`` at run time: the server, three simulated hosts whose agents run as separate
 processes (really executing jobs with the process runner), and a sample job whose live logs are
 printed, so the first thing a new user sees is a job going queued -> running -> succeeded.
+Then the inference gateway: the built-in engine's real models, served by one demo host.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ctypes.util
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 import uvicorn
 from rich.console import Console
 
+from peergpu import demo_inference
 from peergpu.client import PeerGPU
 from peergpu.client.models import JobUpdate, LogLine
 from peergpu.config import ServerSettings
@@ -64,13 +67,23 @@ def run_demo(
     )
     agents: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
+    missing = demo_inference.engines_missing()
+    engine_url = ""
+    if not missing:
+        engine_port = _free_port()
+        engine_url = f"http://127.0.0.1:{engine_port}/v1"
+        agents.append(
+            demo_inference.start_engine(settings.data_dir, engine_port, _stop_with_parent)
+        )
 
     def companion() -> None:
         while not server.started:
             if stop.wait(0.05):
                 return
         for host in demo_hosts:
-            agents.append(_start_agent(settings, host))
+            serves = engine_url and host.name == demo_inference.SERVING_HOST
+            extra = demo_inference.serve_model_args(engine_url) if serves else []
+            agents.append(_start_agent(settings, host, extra))
         console.print(
             f"started {len(agents)} simulated hosts: "
             + ", ".join(f"{h.name} ({h.simulate})" for h in demo_hosts)
@@ -80,6 +93,19 @@ def run_demo(
                 _sample_job(settings.effective_public_url, api_key, console, stop, len(demo_hosts))
             except Exception as exc:  # noqa: BLE001 - the demo server keeps running regardless
                 console.print(f"[yellow]the sample job could not be shown: {exc}[/]")
+        if engine_url:
+            try:
+                demo_inference.show_inference(
+                    settings.effective_public_url, api_key, engine_url, console, stop
+                )
+            except Exception as exc:  # noqa: BLE001 - the demo server keeps running regardless
+                console.print(f"[yellow]the inference sample could not be shown: {exc}[/]")
+            console.rule()
+        else:
+            console.print(
+                "[yellow]no inference models: the engines extra is missing "
+                f"({', '.join(missing)}); install peergpu[engines][/]"
+            )
         # The agents were started from this thread: on Linux they are told to stop when it
         # ends (PR_SET_PDEATHSIG), so it lives as long as the server.
         stop.wait()
@@ -111,7 +137,15 @@ def _work_root(data_dir: Path) -> Path:
     return root
 
 
-def _start_agent(settings: ServerSettings, host: DemoHost) -> subprocess.Popen[bytes]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_agent(
+    settings: ServerSettings, host: DemoHost, extra_args: list[str]
+) -> subprocess.Popen[bytes]:
     work = _work_root(settings.data_dir) / host.name
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PEERGPU_")},
@@ -130,6 +164,7 @@ def _start_agent(settings: ServerSettings, host: DemoHost) -> subprocess.Popen[b
                 str(host.state_dir),
                 "--simulate",
                 host.simulate,
+                *extra_args,
             ],
             env=env,
             stdout=log,

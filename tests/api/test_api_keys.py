@@ -177,3 +177,20 @@ async def test_org_keys(client: httpx.AsyncClient) -> None:
         ),
         403,
     )
+
+
+async def test_key_priority_above_zero_needs_an_admin(client: httpx.AsyncClient) -> None:
+    user = await make_user(client)
+    batch = await client.post(
+        "/api/v1/keys", json={"name": "batch", "priority": -5}, headers=user.headers
+    )
+    assert batch.status_code == 201, batch.text
+    assert batch.json()["priority"] == -5
+    urgent = await client.post(
+        "/api/v1/keys", json={"name": "urgent", "priority": 5}, headers=user.headers
+    )
+    assert_error(urgent, 403)
+    too_high = await client.post(
+        "/api/v1/keys", json={"name": "x", "priority": 11}, headers=user.headers
+    )
+    assert_error(too_high, 422)

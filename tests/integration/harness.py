@@ -286,6 +286,7 @@ def enroll_agent(
     state_dir: Path,
     *,
     simulate: str = "H100x2,RTX4090",
+    extra_env: dict[str, str] | None = None,
     **token_body: Any,
 ) -> AgentProcess:
     """Create an enrolment token as ``owner``, enrol an agent process with it, start it and
@@ -294,7 +295,7 @@ def enroll_agent(
         f"{server.url}/api/v1/hosts/enrollment-tokens", json=token_body, headers=owner, timeout=10
     )
     assert token.status_code == 201, token.text
-    process = AgentProcess(state_dir=state_dir, simulate=simulate)
+    process = AgentProcess(state_dir=state_dir, simulate=simulate, extra_env=extra_env)
     enrolled = process.enroll(server.url, token.json()["token"])
     assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
     process.start()

@@ -15,12 +15,16 @@ import pytest
 
 from tests.integration.harness import free_port
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 
 
 def _agents_of(data_dir: Path) -> list[str]:
+    """The demo's agent and engine processes still running."""
     found = subprocess.run(
-        ["pgrep", "-f", f"state-dir {data_dir}"], capture_output=True, text=True, check=False
+        ["pgrep", "-f", f"(state|cache)-dir {data_dir}"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return found.stdout.split()
 
@@ -48,8 +52,8 @@ def test_demo_runs_a_sample_job_with_live_logs_and_an_artifact(tmp_path: Path) -
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 150
-        while "peergpu jobs receipt" not in log.read_text(errors="replace"):
+        deadline = time.monotonic() + 240
+        while "client.embeddings.create" not in log.read_text(errors="replace"):
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
@@ -68,7 +72,19 @@ def test_demo_runs_a_sample_job_with_live_logs_and_an_artifact(tmp_path: Path) -
             timeout=10,
         ).json()
         assert sorted(h["name"] for h in market["data"]) == ["demo-4090", "demo-a100", "demo-h100"]
-        assert len(_agents_of(data_dir)) == 3
+        assert len(_agents_of(data_dir)) == 4  # three agents and the engine
+        # The inference gateway served the built-in engine's real models through a demo host.
+        assert "embeddings 3 x 384 from all-minilm-l6-v2" in output, output
+        similar = float(output.split("similarity(cat, kitten) = ")[1].split(",")[0])
+        unrelated = float(output.split("similarity(cat, stocks) = ")[1].split()[0])
+        assert similar > unrelated + 0.3, output
+        assert "Paris" in output.split("streamed:")[1], output
+        models = httpx.get(
+            f"http://127.0.0.1:{port}/v1/models",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        ).json()
+        assert {m["id"] for m in models["data"]} == {"all-minilm-l6-v2", "smollm2-135m-instruct"}
     finally:
         process.send_signal(signal.SIGTERM)
         try:

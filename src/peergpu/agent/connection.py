@@ -26,6 +26,7 @@ from peergpu import __version__
 from peergpu.agent.credentials import Credentials
 from peergpu.agent.executor import JobExecutor
 from peergpu.agent.gpus import GpuProbe
+from peergpu.agent.inference import InferenceServer
 from peergpu.agent.link import Link
 from peergpu.protocol.messages import (
     CLOSE_UNAUTHORIZED,
@@ -37,6 +38,8 @@ from peergpu.protocol.messages import (
     GpuSpec,
     Heartbeat,
     Hello,
+    InferCancel,
+    InferStart,
     LogAck,
     ManifestDelivery,
     StatusAck,
@@ -87,6 +90,7 @@ class AgentConnection:
         backoff: Backoff,
         heartbeat_override: float | None = None,
         protocol_versions: list[int] | None = None,
+        inference: InferenceServer | None = None,
     ) -> None:
         self.credentials = credentials
         self.probe = probe
@@ -96,6 +100,7 @@ class AgentConnection:
         self.backoff = backoff
         self.heartbeat_override = heartbeat_override
         self.protocol_versions = protocol_versions or sorted(SUPPORTED_VERSIONS)
+        self.inference = inference
         self.gpus = [GpuSpec.model_validate(g, from_attributes=True) for g in probe.detect()]
         self.connected = asyncio.Event()
 
@@ -111,6 +116,8 @@ class AgentConnection:
             finally:
                 self.connected.clear()
                 self.link.detach()
+                if self.inference is not None:
+                    self.inference.abort_all()
             if stop.is_set():
                 return
             delay = self.backoff.next_delay()
@@ -171,6 +178,7 @@ class AgentConnection:
             runners=self.runners,
             gpus=self.gpus,
             running_jobs=self.executor.running_jobs,
+            models=self.inference.declared if self.inference is not None else [],
         )
         await ws.send(hello.model_dump_json())
         try:
@@ -222,6 +230,14 @@ class AgentConnection:
             self.link.on_status_ack(message)
         elif isinstance(message, UploadGrant):
             self.link.on_upload_grant(message)
+        elif isinstance(message, InferStart):
+            if self.inference is None:
+                logger.warning("the server sent an inference request; this host serves no models")
+            else:
+                await self.inference.on_start(message)
+        elif isinstance(message, InferCancel):
+            if self.inference is not None:
+                self.inference.on_cancel(message)
         elif isinstance(message, ErrorMessage):
             logger.warning("server says %s: %s", message.code, message.message)
 

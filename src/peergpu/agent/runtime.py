@@ -13,6 +13,7 @@ from peergpu.agent.connection import AgentConnection, Backoff
 from peergpu.agent.credentials import Credentials
 from peergpu.agent.executor import JobExecutor
 from peergpu.agent.gpus import GpuProbe, SimulatedProbe, detect_probe
+from peergpu.agent.inference import InferenceServer
 from peergpu.agent.link import Link
 from peergpu.agent.runners import Runner, create_runner
 from peergpu.agent.settings import AgentSettings
@@ -64,6 +65,7 @@ def build_connection(
         runners=sorted(runners),
         backoff=Backoff(settings.backoff_initial_seconds, settings.backoff_max_seconds),
         heartbeat_override=settings.heartbeat_seconds,
+        inference=InferenceServer(link=link, models=settings.models) if settings.models else None,
     )
     return connection, executor, probe
 
@@ -82,5 +84,7 @@ async def run_agent(
         await connection.run(stop)
     finally:
         await executor.shutdown()
+        if connection.inference is not None:
+            await connection.inference.close()
         await connection.link.close()
         probe.close()

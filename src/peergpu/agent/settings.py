@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from peergpu.agent.bundle_fetch import (
@@ -14,8 +14,29 @@ from peergpu.agent.bundle_fetch import (
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_TIMEOUT_SECONDS,
 )
+from peergpu.protocol.messages import MODEL_NAME_PATTERN
 
 RunnerName = Literal["process", "docker"]
+
+
+class ServedModelConfig(BaseModel):
+    """A model this host serves through the gateway, from a local OpenAI-compatible engine
+    (vLLM, a llama.cpp server, Ollama, ``peergpu engine serve``) that only the agent reaches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="the name renters ask for")
+    kind: Literal["chat", "embeddings"]
+    url: str = Field(
+        pattern=r"^https?://", description="the engine's base URL, e.g. http://127.0.0.1:8000/v1"
+    )
+    engine_model: str | None = Field(
+        default=None, description="the engine's own name for the model (default: name)"
+    )
+    api_key: SecretStr | None = Field(default=None, description="sent to the engine as Bearer")
+    max_concurrency: int = Field(default=4, ge=1, le=1024)
+    input_price_per_million_micros: int = Field(default=0, ge=0, le=10**12)
+    output_price_per_million_micros: int = Field(default=0, ge=0, le=10**12)
 
 
 def _default_runners() -> list[RunnerName]:
@@ -40,6 +61,11 @@ class AgentSettings(BaseSettings):
         "root (jobs run as an unprivileged user, who must be able to traverse every parent)",
     )
     keep_work_dirs: bool = False
+    models: list[ServedModelConfig] = Field(
+        default_factory=list,
+        description="models served through the inference gateway (JSON list in "
+        "PEERGPU_AGENT_MODELS, or `peergpu agent run --serve-model`)",
+    )
     run_as: str = Field(default="", description="unprivileged user for jobs when root")
     max_bundle_bytes: int = Field(
         default=DEFAULT_MAX_BUNDLE_BYTES, ge=1, description="largest job bundle downloaded (zip)"

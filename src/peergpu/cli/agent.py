@@ -15,7 +15,7 @@ from peergpu.agent import credentials as creds
 from peergpu.agent.connection import FatalAgentError
 from peergpu.agent.gpus import NoGpuFound, detect_probe
 from peergpu.agent.runtime import run_agent
-from peergpu.agent.settings import AgentSettings
+from peergpu.agent.settings import AgentSettings, ServedModelConfig
 from peergpu.cli.common import configure_logging, console, fail
 
 app = typer.Typer(
@@ -71,10 +71,22 @@ def run(
         float | None, typer.Option(help="Heartbeat interval in seconds (default: the server's).")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    serve_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Serve a model through the inference gateway, from a local OpenAI-compatible "
+            "engine: 'name=NAME,kind=chat|embeddings,url=http://127.0.0.1:8000/v1' plus "
+            "optional engine_model=, max_concurrency=, input_price=, output_price= "
+            "(micro-dollars per million tokens). Repeatable [env PEERGPU_AGENT_MODELS, JSON].",
+        ),
+    ] = None,
 ) -> None:
     """Connect to the server and serve jobs until interrupted (reconnects by itself)."""
     configure_logging(log_level)
-    settings = _settings(state_dir=state_dir, simulate=simulate, heartbeat_seconds=heartbeat)
+    models = [_served_model(spec) for spec in serve_model] if serve_model else None
+    settings = _settings(
+        state_dir=state_dir, simulate=simulate, heartbeat_seconds=heartbeat, models=models
+    )
     try:
         credentials = creds.load(settings.credentials_path)
         asyncio.run(run_agent(settings, credentials))
@@ -85,6 +97,27 @@ def run(
     except FatalAgentError as exc:
         fail(str(exc), code=3)
     logging.getLogger(__name__).info("agent stopped")
+
+
+_PRICE_FIELDS = {
+    "input_price": "input_price_per_million_micros",
+    "output_price": "output_price_per_million_micros",
+}
+
+
+def _served_model(spec: str) -> ServedModelConfig:
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            fail(f"--serve-model: expected key=value pairs separated by commas, got {part!r}")
+        fields[_PRICE_FIELDS.get(key.strip(), key.strip())] = value.strip()
+    try:
+        return ServedModelConfig.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        fail(f"--serve-model {spec!r}: {where}: {error['msg']}")
 
 
 @app.command()

@@ -7,15 +7,17 @@ protocol versions it speaks; the server answers ``welcome`` with the one it chos
 unknown message types are answered with an ``error`` and otherwise ignored.
 
 Agent -> server: hello, heartbeat, manifest_ack, log_batch, job_status, upload_request,
-artifact_report, error.   Server -> agent: welcome, manifest, cancel, log_ack, status_ack,
-upload_grant, error. Log batches and job statuses are resent after a reconnect until
-acknowledged, so the server must treat repeats as no-ops (log lines carry a ``seq``).
+artifact_report, infer_chunk, infer_end, error.   Server -> agent: welcome, manifest, cancel,
+log_ack, status_ack, upload_grant, infer_start, infer_cancel, error. Log batches and job
+statuses are resent after a reconnect until acknowledged, so the server must treat repeats as
+no-ops (log lines carry a ``seq``). Inference streams are not resent: a stream whose socket
+drops fails, and the server may retry it on another host.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -82,6 +84,16 @@ class ServedModelSpec(_Message):
     max_concurrency: int = Field(default=4, ge=1, le=1024)
     input_price_per_million_micros: int = Field(default=0, ge=0, le=10**12)
     output_price_per_million_micros: int = Field(default=0, ge=0, le=10**12)
+
+
+#: An inference stream's id: 32 lowercase hex digits (a uuid4), unguessable.
+STREAM_ID_PATTERN = r"^[0-9a-f]{32}$"
+InferEndpoint = Literal["chat.completions", "embeddings"]
+
+
+class InferUsage(_Message):
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
 
 
 # ---------------------------------------------------------------- agent -> server
@@ -155,6 +167,36 @@ class ArtifactReport(_Message):
     skipped: list[str] = Field(default_factory=list, description="files not uploaded, and why")
 
 
+class InferChunk(_Message):
+    """Part of an inference answer. Streaming: each item of ``data`` is one server-sent
+    event's data (a ``chat.completion.chunk`` JSON). Otherwise: one item, the whole JSON
+    answer. ``reply_to`` echoes the ``infer_start``'s, so any replica can route it."""
+
+    type: Literal["infer_chunk"] = "infer_chunk"
+    stream_id: str = Field(pattern=STREAM_ID_PATTERN)
+    reply_to: str = Field(max_length=64)
+    seq: int = Field(ge=0)
+    data: list[str] = Field(min_length=1)
+
+
+class InferEnd(_Message):
+    """The end of an inference stream. ``ok`` false carries the engine's (or the agent's)
+    error: ``status`` is the HTTP status to answer, ``code`` e.g. ``host_busy``,
+    ``model_not_found``, ``engine_unavailable``, ``engine_error``, ``timeout``,
+    ``cancelled``. ``usage`` is what the engine counted, also for a partial answer."""
+
+    type: Literal["infer_end"] = "infer_end"
+    stream_id: str = Field(pattern=STREAM_ID_PATTERN)
+    reply_to: str = Field(max_length=64)
+    ok: bool
+    status: int = Field(default=200, ge=100, le=599)
+    code: str | None = Field(default=None, max_length=64)
+    message: str = Field(default="", max_length=4000)
+    error_type: str = Field(default="server_error", max_length=64)
+    param: str | None = Field(default=None, max_length=128)
+    usage: InferUsage | None = None
+
+
 class ErrorMessage(_Message):
     type: Literal["error"] = "error"
     code: str
@@ -170,6 +212,8 @@ AgentMessage = Annotated[
     | JobStatus
     | UploadRequest
     | ArtifactReport
+    | InferChunk
+    | InferEnd
     | ErrorMessage,
     Field(discriminator="type"),
 ]
@@ -225,8 +269,37 @@ class UploadGrant(_Message):
     refused: dict[str, str] = Field(default_factory=dict, description="path -> reason")
 
 
+class InferStart(_Message):
+    """Relay one OpenAI request to the host's engine for ``model``. ``body`` is the renter's
+    request as the gateway validated it; the agent answers with ``infer_chunk`` frames and one
+    ``infer_end`` by ``deadline`` (unix time)."""
+
+    type: Literal["infer_start"] = "infer_start"
+    stream_id: str = Field(pattern=STREAM_ID_PATTERN)
+    reply_to: str = Field(max_length=64)
+    endpoint: InferEndpoint
+    model: str = Field(max_length=128)
+    body: dict[str, Any]
+    deadline: float
+
+
+class InferCancel(_Message):
+    """The renter went away (or the gateway gave up): stop generating, answer ``infer_end``."""
+
+    type: Literal["infer_cancel"] = "infer_cancel"
+    stream_id: str = Field(pattern=STREAM_ID_PATTERN)
+
+
 ServerMessage = Annotated[
-    Welcome | ManifestDelivery | Cancel | LogAck | StatusAck | UploadGrant | ErrorMessage,
+    Welcome
+    | ManifestDelivery
+    | Cancel
+    | LogAck
+    | StatusAck
+    | UploadGrant
+    | InferStart
+    | InferCancel
+    | ErrorMessage,
     Field(discriminator="type"),
 ]
 

@@ -4,8 +4,9 @@ Handshake: the agent connects with ``Authorization: Bearer pgh_...`` and sends `
 server checks the credential, negotiates the protocol version (refusing with
 ``unsupported_protocol_version`` and close code 4426 when there is none in common), marks the
 host online and answers ``welcome``. Then two loops run until the socket closes: one reads the
-agent's messages and hands them to ``AgentEvents``; one forwards what other replicas publish on
-the host's bus channel (manifests, cancels) to the socket. A newer connection of the same host,
+agent's messages and hands them to ``AgentEvents`` (inference frames to ``InferenceStreams``);
+one forwards what other replicas publish on the host's bus channel (manifests, cancels,
+inference requests) to the socket. A newer connection of the same host,
 on any replica, supersedes this one (close code 4409).
 """
 
@@ -33,6 +34,8 @@ from peergpu.protocol.messages import (
     ErrorMessage,
     Heartbeat,
     Hello,
+    InferChunk,
+    InferEnd,
     Welcome,
     negotiate_version,
     parse_agent_message,
@@ -46,6 +49,7 @@ from peergpu.server.agents.channels import (
 )
 from peergpu.server.agents.events import AgentEvents
 from peergpu.server.agents.inbox import AgentInbox
+from peergpu.server.agents.inference import InferenceStreams, started_stream
 from peergpu.server.bus import Subscription
 from peergpu.server.context import ServerContext
 from peergpu.server.services import hosts, job_reports, job_states, presence
@@ -66,6 +70,8 @@ class _Socket:
     #: What the last reconciled report said the host runs, and heartbeats since then.
     reported: frozenset[uuid.UUID] = frozenset()
     unreconciled: int = 0
+    #: Inference streams this socket carries: stream id -> the replica waiting for it.
+    streams: dict[str, str] = field(default_factory=dict)
 
     async def send(self, payload: str) -> None:
         async with self.send_lock:
@@ -78,6 +84,8 @@ class AgentHub:
         self.inbox = AgentInbox(context)
         self.events = AgentEvents(context, self.inbox)
         self._sockets: dict[str, _Socket] = {}
+        self._by_host: dict[uuid.UUID, _Socket] = {}
+        self.streams = InferenceStreams(context, self._send_local)
 
     @property
     def connected_hosts(self) -> set[uuid.UUID]:
@@ -108,6 +116,7 @@ class AgentHub:
         for socket in list(self._sockets.values()):
             with contextlib.suppress(Exception):
                 await socket.websocket.close(code=1001)
+        await self.streams.close()
         await self.inbox.close()
 
     async def _run(self, socket: _Socket, hello: Hello, version: int) -> None:
@@ -128,6 +137,7 @@ class AgentHub:
                         protocol_version=version,
                     )
                 self._sockets[socket.connection_id] = socket
+                self._by_host[socket.host_id] = socket
                 logger.info("host %s connected (%d GPUs)", socket.host_id, len(hello.gpus))
                 await socket.send(
                     Welcome(
@@ -147,6 +157,10 @@ class AgentHub:
             await _close(socket.websocket, 1011)
         finally:
             self._sockets.pop(socket.connection_id, None)
+            if self._by_host.get(socket.host_id) is socket:
+                del self._by_host[socket.host_id]
+            if socket.streams:
+                await self.streams.host_gone(socket.host_id, socket.streams)
             with contextlib.suppress(Exception):
                 async with context.sessionmaker() as session:
                     await presence.mark_disconnected(
@@ -168,6 +182,11 @@ class AgentHub:
                 await socket.send(
                     ErrorMessage(code="malformed_message", message=_short(exc)).model_dump_json()
                 )
+                continue
+            if isinstance(message, InferChunk | InferEnd):
+                if isinstance(message, InferEnd):
+                    socket.streams.pop(message.stream_id, None)
+                await self.streams.route(socket.host_id, message, raw)
                 continue
             if isinstance(message, Heartbeat):
                 current = await self.inbox.heartbeat(
@@ -219,10 +238,24 @@ class AgentHub:
                     await _close(socket.websocket, CLOSE_SUPERSEDED)
                     return
                 continue
+            frame = message.data.decode()
+            _track(socket, frame)
             try:
-                await socket.send(message.data.decode())
+                await socket.send(frame)
             except (WebSocketDisconnect, RuntimeError):
                 return
+
+    async def _send_local(self, host_id: uuid.UUID, frame: str) -> bool:
+        """Send to the host's socket if this replica holds it (the inference fast path)."""
+        socket = self._by_host.get(host_id)
+        if socket is None:
+            return False
+        _track(socket, frame)
+        try:
+            await socket.send(frame)
+        except (WebSocketDisconnect, RuntimeError):
+            return False
+        return True
 
     async def _authenticate(self, websocket: WebSocket) -> uuid.UUID:
         header = websocket.headers.get("authorization", "")
@@ -262,6 +295,12 @@ class AgentHub:
         if not isinstance(message, Hello):
             raise _Refused("no_hello", "Expected a hello message first.", CLOSE_PROTOCOL_ERROR)
         return message
+
+
+def _track(socket: _Socket, frame: str) -> None:
+    started = started_stream(frame)
+    if started is not None:
+        socket.streams[started[0]] = started[1]
 
 
 class _Refused(Exception):

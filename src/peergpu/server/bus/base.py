@@ -80,11 +80,12 @@ class Bus(ABC):
     """Pub/sub and streams behind one interface; see the module docstring for the semantics."""
 
     @abstractmethod
-    async def publish(self, channel: str, data: bytes) -> None:
+    async def publish(self, channel: str, data: bytes) -> int:
         """Deliver ``data`` to every subscription to ``channel`` that exists now.
 
         Fire-and-forget: returns once the bus has accepted the message, whether or not anyone
-        is subscribed, and nothing is kept for later subscribers.
+        is subscribed, and nothing is kept for later subscribers. Returns how many received it
+        (subscriptions in process; subscribed Redis connections), 0 when nobody listens.
         """
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:

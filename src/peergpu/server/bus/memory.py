@@ -48,10 +48,12 @@ class InProcessBus(Bus):
         self._waiting_readers: dict[str, int] = {}
         self._closed = False
 
-    async def publish(self, channel: str, data: bytes) -> None:
+    async def publish(self, channel: str, data: bytes) -> int:
         message = Message(channel=channel, data=bytes(data))
-        for subscription in tuple(self._subscribers.get(channel, ())):
+        receivers = tuple(self._subscribers.get(channel, ()))
+        for subscription in receivers:
             subscription.deliver(message)
+        return len(receivers)
 
     def subscribe(self, *channels: str) -> AbstractAsyncContextManager[Subscription]:
         return self._subscription(check_channels(channels))

@@ -76,9 +76,9 @@ class RedisBus(Bus):
         )
         self._subscriptions: set[_RedisSubscription] = set()
 
-    async def publish(self, channel: str, data: bytes) -> None:
+    async def publish(self, channel: str, data: bytes) -> int:
         with _translate_errors("publish"):
-            await self._redis.publish(self._key(channel), data)
+            return int(await self._redis.publish(self._key(channel), data))
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
         if not messages:

@@ -109,6 +109,8 @@ class ApiKeyModel(IdMixin, CreatedAtMixin, Base):
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: The inference gateway serves higher priorities first when hosts are busy.
+    priority: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class RefreshTokenModel(IdMixin, CreatedAtMixin, Base):

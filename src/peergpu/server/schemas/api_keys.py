@@ -20,6 +20,13 @@ class ApiKeyCreate(BaseModel):
     )
     scopes: list[Scope] = Field(default_factory=lambda: list(DEFAULT_KEY_SCOPES), min_length=1)
     expires_at: datetime | None = Field(default=None, description="UTC; must lie in the future")
+    priority: int = Field(
+        default=0,
+        ge=-10,
+        le=10,
+        description="inference gateway: when every host is busy, higher priorities are served "
+        "first (below 0 for batch work; above 0 needs an admin)",
+    )
 
 
 class ApiKeyPublic(BaseModel):
@@ -31,6 +38,7 @@ class ApiKeyPublic(BaseModel):
     organization_id: uuid.UUID | None
     user_id: uuid.UUID
     scopes: list[Scope]
+    priority: int = 0
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None

@@ -16,6 +16,8 @@ class Principal:
     api_key_id: uuid.UUID | None = None
     #: Set for organization keys: the caller acts only inside this organization.
     organization_id: uuid.UUID | None = None
+    #: The key's priority in the inference gateway's queue (0 for sessions).
+    priority: int = 0
 
     @classmethod
     def for_session(cls, user: UserModel) -> Principal:

@@ -33,6 +33,10 @@ async def create_key(
     scopes = set(data.scopes)
     if Scope.admin in scopes and not principal.user.is_admin:
         raise PermissionDenied("Only admins can create keys with the admin scope.")
+    if data.priority > 0 and not principal.user.is_admin:
+        raise PermissionDenied(
+            "Only admins can give a key a priority above 0; use a negative one for batch work."
+        )
     if principal.api_key_id is not None and not scopes <= principal.scopes:
         raise PermissionDenied(
             "A key cannot create a key with more scopes than it has.",
@@ -65,6 +69,7 @@ async def create_key(
         organization_id=data.organization_id,
         scopes=sorted(scopes),
         expires_at=data.expires_at,
+        priority=data.priority,
     )
     session.add(key)
     await session.commit()
@@ -137,6 +142,7 @@ async def authenticate_key(*, session: AsyncSession, plaintext: str) -> Principa
         scopes=frozenset(Scope(s) for s in key.scopes if s in Scope.__members__),
         api_key_id=key.id,
         organization_id=key.organization_id,
+        priority=key.priority,
     )
 
 
