@@ -6,7 +6,6 @@ model's generation on the host."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def test_real_models_through_the_gateway(gateway: openai.OpenAI, chat_backend: S
     assert chunks[-1].usage is not None and 0 < chunks[-1].usage.completion_tokens <= 24
 
     # The renter leaves after a few tokens: the model stops generating on the host.
-    before = chat_backend.tokens_generated
+    before, previous = chat_backend.tokens_generated, chat_backend.last_generation
     stream = gateway.chat.completions.create(
         model=SmolLM2Chat.MODEL_ID,
         messages=[{"role": "user", "content": "Count from one to two hundred in words."}],
@@ -106,11 +105,12 @@ def test_real_models_through_the_gateway(gateway: openai.OpenAI, chat_backend: S
     stream.close()
     wait_for(
         lambda: (
-            chat_backend.last_generation is not None
+            chat_backend.last_generation is not previous
+            and chat_backend.last_generation is not None
             and chat_backend.last_generation.finish_reason == "cancelled"
         ),
         timeout=15,
         what="the generation to be cancelled",
     )
-    time.sleep(0.5)
+    chat_backend.wait_idle(10)
     assert chat_backend.tokens_generated - before < 100, "the host kept generating"
