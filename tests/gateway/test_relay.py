@@ -365,3 +365,42 @@ def test_a_request_on_one_replica_reaches_a_host_connected_to_another(
     finally:
         second.stop()
         first.stop()
+
+
+def test_rate_limits_count_completions_and_answer_429_with_headers(
+    settings: ServerSettings, engine: ScriptedEngine, tmp_path: Path
+) -> None:
+    limited = harness.e2e_settings(
+        settings, gateway_requests_per_minute=4, gateway_tokens_per_minute=100
+    )
+    server = ThreadedServer(limited).start()
+    try:
+        owner = harness.login(server, ["host"], "gw-host")
+        agent = _host(server, owner, tmp_path / "host", _models(engine))
+        try:
+            client = _client(server, _key(server, harness.login(server, ["renter"], "gw-r")))
+            words = [{"role": "user", "content": " ".join(["a"] * 30)}]  # ~25 + 30 tokens
+            first = client.chat.completions.with_raw_response.create(
+                model="echo-chat", messages=words
+            )
+            assert first.headers["x-ratelimit-limit-requests"] == "4"
+            assert first.headers["x-ratelimit-remaining-requests"] == "3"
+            assert first.headers["x-ratelimit-limit-tokens"] == "100"
+            client.chat.completions.create(model="echo-chat", messages=words)
+            # Two prompts (charged up front) and two 30-word answers (charged once counted)
+            # are over 100 tokens: the third is refused for tokens.
+            with pytest.raises(openai.RateLimitError) as tokens:
+                client.chat.completions.create(model="echo-chat", messages=words)
+            assert tokens.value.code == "rate_limit_exceeded"
+            assert tokens.value.type == "tokens"
+            assert int(tokens.value.response.headers["retry-after"]) >= 1
+            assert int(tokens.value.response.headers["x-ratelimit-remaining-tokens"]) < 25
+            client.models.list()  # the fourth request
+            with pytest.raises(openai.RateLimitError) as requests:
+                client.chat.completions.create(model="echo-chat", messages=words)
+            assert requests.value.type == "requests"
+            assert requests.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+        finally:
+            agent.stop()
+    finally:
+        server.stop()

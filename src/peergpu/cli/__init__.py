@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 from typer.core import TyperGroup
 
-from peergpu.cli import billing, host, hosts, jobs, session
+from peergpu.cli import billing, host, hosts, jobs, session, usage
 from peergpu.cli.output import EXIT_CODES_HELP
 
 if TYPE_CHECKING:  # Typer vendors its own click (typer._click); only the types are needed
@@ -29,6 +29,7 @@ _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("peergpu.cli.db", "app"),
     "admin": ("peergpu.cli.admin", "app"),
     "agent": ("peergpu.cli.agent", "app"),
+    "engine": ("peergpu.cli.engine", "app"),
 }
 
 
@@ -75,6 +76,7 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(hosts.app, name="hosts")
 app.add_typer(billing.app, name="billing")
 app.add_typer(host.app, name="host")
+app.command("usage")(usage.usage)
 
 
 def main() -> None:

@@ -46,13 +46,15 @@ from peergpu.client.models import (
     TokenPair,
     User,
 )
+from peergpu.client.usage import UsageMixin
 
 _CHUNK = 1024 * 1024
 
 
-class PeerGPU(BillingMixin):
+class PeerGPU(BillingMixin, UsageMixin):
     """A client for one PeerGPU server (its billing methods are in
-    :class:`~peergpu.client.billing.BillingMixin`).
+    :class:`~peergpu.client.billing.BillingMixin`, its inference usage methods in
+    :class:`~peergpu.client.usage.UsageMixin`).
 
     Authenticate with an ``api_key``, or with an ``access_token`` and ``refresh_token`` (from
     :meth:`login` or stored by the CLI). Rotated token pairs are handed to ``on_tokens``, and

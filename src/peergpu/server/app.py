@@ -30,6 +30,7 @@ from peergpu.server.api import (
     orgs,
     payments,
     storage,
+    usage,
     users,
 )
 from peergpu.server.api.errors import install_error_handlers
@@ -37,6 +38,8 @@ from peergpu.server.api.middleware import BodySizeLimitMiddleware, SecurityHeade
 from peergpu.server.context import ServerContext
 from peergpu.server.db import migrate
 from peergpu.server.gateway import create_gateway
+from peergpu.server.gateway.relay import Relay
+from peergpu.server.services.billing.inference import run_usage_billing
 from peergpu.server.services.billing.settlement import run_settlement
 from peergpu.server.services.billing.upkeep import run_payments_upkeep
 from peergpu.server.services.scheduler import run_scheduler
@@ -68,6 +71,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             except ServiceUnavailable as exc:  # serve anyway: /readyz reports it until fixed
                 logger.error("object storage is not usable: %s", exc.message)
             app.state.hub = AgentHub(context)
+            context.usage.start()
+            gateway.state.relay = Relay(context, app.state.hub.streams)
             sweeper = asyncio.create_task(run_presence_sweeper(context), name="presence-sweeper")
             scheduler = (
                 asyncio.create_task(run_scheduler(context), name="scheduler")
@@ -76,6 +81,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             )
             settler = (
                 asyncio.create_task(run_settlement(context), name="settlement")
+                if settings.scheduler_enabled
+                else None
+            )
+            usage_biller = (
+                asyncio.create_task(run_usage_billing(context), name="usage-billing")
                 if settings.scheduler_enabled
                 else None
             )
@@ -93,14 +103,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
             try:
                 yield
             finally:
-                for task in (sweeper, scheduler, settler, upkeep):
+                for task in (sweeper, scheduler, settler, usage_biller, upkeep):
                     if task is not None:
                         task.cancel()
                 await app.state.hub.close_all()
-                for task in (sweeper, scheduler, settler, upkeep):
+                await gateway.state.relay.close()
+                for task in (sweeper, scheduler, settler, usage_biller, upkeep):
                     if task is not None:
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
+                await context.usage.close()  # every buffered usage row, before the database
         finally:
             await context.close()
 
@@ -143,6 +155,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         storage.router,
         billing.router,
         payments.router,
+        usage.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
 

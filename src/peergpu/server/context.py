@@ -14,6 +14,7 @@ from peergpu.server.ratelimit import RateLimiter, create_rate_limiter
 from peergpu.server.security.manifest_keys import load_signing_key
 from peergpu.server.security.passwords import PasswordHashing
 from peergpu.server.security.tokens import AccessTokens
+from peergpu.server.services.billing.usage_writer import UsageRecorder
 from peergpu.server.services.email import Mailer, create_mailer
 from peergpu.server.storage import ObjectStore, create_object_store, derive_storage_secret
 
@@ -30,14 +31,17 @@ class ServerContext:
     mailer: Mailer
     signing_key: Ed25519PrivateKey
     storage: ObjectStore
+    #: Inference usage rows, group-committed (the app's lifespan starts and closes it).
+    usage: UsageRecorder
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ServerContext:
         engine = create_engine(settings)
+        sessionmaker = create_sessionmaker(engine)
         return cls(
             settings=settings,
             engine=engine,
-            sessionmaker=create_sessionmaker(engine),
+            sessionmaker=sessionmaker,
             bus=create_bus(settings),
             rate_limiter=create_rate_limiter(settings),
             passwords=PasswordHashing(
@@ -53,9 +57,11 @@ class ServerContext:
             storage=create_object_store(
                 settings, secret=derive_storage_secret(settings.resolved_secret_key())
             ),
+            usage=UsageRecorder(sessionmaker),
         )
 
     async def close(self) -> None:
+        await self.usage.close()  # writes what is buffered: needs the database
         await self.storage.close()
         await self.rate_limiter.close()
         await self.bus.close()

@@ -2,7 +2,8 @@
 
 Two budgets per API key (or per user, for a session token), each a one-minute window on the
 shared rate limiter (Redis in production, in-process in the embedded mode): requests, and
-tokens (a request is charged its prompt estimate plus the completion it may produce). Every
+tokens (a request is charged its prompt estimate plus its ``max_tokens`` up front; without a
+``max_tokens``, the completion's tokens once it is done). Every
 answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*``
 (``"1s"``, ``"6m0s"``); a refused request is a 429 with ``Retry-After``.
 """
@@ -45,6 +46,19 @@ async def admit(context: ServerContext, principal: Principal, *, tokens: int = 0
         if not spent.allowed:
             raise _refused("tokens", spent, headers)
     return headers
+
+
+async def spend_tokens(context: ServerContext, principal: Principal, tokens: int) -> None:
+    """Charge tokens counted after the answer (a completion with no ``max_tokens`` had none
+    charged up front) to the caller's budget; later requests see them."""
+    if tokens <= 0:
+        return
+    await context.rate_limiter.hit(
+        f"gateway:tokens:{principal.api_key_id or principal.user_id}",
+        limit=context.settings.gateway_tokens_per_minute,
+        window_seconds=WINDOW_SECONDS,
+        cost=tokens,
+    )
 
 
 def reset_text(seconds: float) -> str:

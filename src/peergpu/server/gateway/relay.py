@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from peergpu.protocol.messages import InferChunk, InferEnd, InferEndpoint, InferStart
 from peergpu.server.agents.inference import InferenceStreams, InferFrame, OpenStream
 from peergpu.server.context import ServerContext
-from peergpu.server.gateway import catalog
+from peergpu.server.gateway import catalog, limits
 from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.gateway.router import Candidate, NoHost, QueueTimeout, Router
 from peergpu.server.security.principal import Principal
@@ -337,6 +337,8 @@ class _Exchange:
             outcome=outcome or ("ok" if end.ok else "error"),
         )
         self.context.usage.record(record)
+        if request.max_completion_tokens is None and completion > 0:
+            self.relay.spawn(_spend(self.context, request.principal, completion))
 
 
 class _RelayedStream(StreamingResponse):
@@ -353,6 +355,13 @@ class _RelayedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._exchange.abandon()
+
+
+async def _spend(context: ServerContext, principal: Principal, tokens: int) -> None:
+    try:
+        await limits.spend_tokens(context, principal, tokens)
+    except Exception:  # the limiter is down: the answer is already out; skip this charge
+        logger.warning("gateway: could not charge %d tokens to the rate limit", tokens)
 
 
 def _end(stream: OpenStream, status: int, code: str, message: str) -> InferEnd:

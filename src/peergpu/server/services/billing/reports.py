@@ -19,7 +19,7 @@ from peergpu.server.db.billing_models import (
     PayoutModel,
 )
 from peergpu.server.db.job_models import JobModel
-from peergpu.server.services.billing import accounts, holds, ledger
+from peergpu.server.services.billing import accounts, holds, ledger, usage_reports
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,8 @@ async def receipt(*, session: AsyncSession, job: JobModel) -> Receipt:
 
 async def earnings(*, session: AsyncSession, user_id: uuid.UUID, days: int) -> Earnings:
     """A host owner's earnings per day (UTC) over the last ``days`` days, by settlement
-    time, net of the platform fee; refunds show in ``payable``, not in past days."""
+    time, net of the platform fee: jobs, and inference requests (in ``earned`` only: they add
+    no jobs or GPU-seconds); refunds show in ``payable``, not in past days."""
     since = utcnow() - timedelta(days=days)
     by_day: dict[date, EarningDay] = {}
     counted: dict[date, set[uuid.UUID]] = defaultdict(set)
@@ -208,6 +209,9 @@ async def earnings(*, session: AsyncSession, user_id: uuid.UUID, days: int) -> E
             entry.jobs += 1
         entry.gpu_seconds += int(seconds) * int(gpus)
         entry.earned += int(charged) - int(fee)
+    served = await usage_reports.inference_earnings(session=session, user_id=user_id, since=since)
+    for day, earned in served.items():
+        by_day.setdefault(day, EarningDay(day=day)).earned += earned
     payable_code = accounts.host_payable(user_id)
     payable = (await ledger.balances(session, [payable_code]))[payable_code]
     paid = await session.scalar(
