@@ -404,3 +404,36 @@ def test_rate_limits_count_completions_and_answer_429_with_headers(
             agent.stop()
     finally:
         server.stop()
+
+
+def test_each_request_is_recorded_and_billed_per_token(
+    server: ThreadedServer, engine: ScriptedEngine, tmp_path: Path
+) -> None:
+    owner = harness.login(server, ["host"], "gw-host")
+    agent = _host(server, owner, tmp_path / "host", _models(engine))
+    try:
+        renter = harness.login(server, ["renter"], "gw-r")
+        api = httpx.Client(base_url=f"{server.url}/api/v1", headers=renter, timeout=10)
+        before = api.get("/billing/balance").json()["available_micros"]
+        client = _client(server, _key(server, renter))
+        client.chat.completions.create(  # 4 prompt and 4 completion tokens
+            model="echo-chat", messages=[{"role": "user", "content": "hello from the renter"}]
+        )
+
+        def billed() -> dict[str, Any] | None:
+            rows = api.get("/usage").json()["data"]
+            return rows[0] if rows and rows[0]["billed_at"] else None
+
+        row = wait_for(billed, what="the request to be billed")
+        # $1 per million input tokens, $2 per million output: 4 x 1 + 4 x 2 micro-dollars.
+        assert (row["prompt_tokens"], row["completion_tokens"], row["cost_micros"]) == (4, 4, 12)
+        assert row["model"] == "echo-chat" and row["outcome"] == "ok"
+        assert row["host_id"] == str(agent.host_id) and row["first_token_ms"] is not None
+        assert api.get("/billing/balance").json()["available_micros"] == before - 12
+        earned = httpx.get(f"{server.url}/api/v1/host/earnings", headers=owner, timeout=10).json()
+        assert earned["payable_micros"] == 11  # 12 less the platform's 10%, rounded half up
+        summary = api.get("/usage/summary", params={"group_by": "key"}).json()
+        assert summary["total"]["requests"] == 1 and summary["groups"][0]["name"] == "gw"
+        api.close()
+    finally:
+        agent.stop()
