@@ -21,12 +21,21 @@ relays it over the agent's WebSocket to the same engine. Three phases, per backe
 3. SSE relay: streamed chats whose answer has ``--stream-chunks`` events; events per second
    the client receives, directly and through the gateway.
 
-Every phase also reports the CPU each process used per request (or per chunk); "other" is
-the rest of the machine: PostgreSQL, Redis, and anything else running.
+Every phase also reports the CPU each process used per request (or per event), from
+``/proc``; "other" is the rest of the machine: PostgreSQL, Redis, and anything else running.
+The server runs with the scheduler (and so the usage billing its requests cause) on, and with
+the renter's rate limits and credit raised out of the way.
 
     .venv/bin/python -m bench.gateway                         # both backends
     .venv/bin/python -m bench.gateway --backend sqlite --quick
-    .venv/bin/python -m bench.gateway --backend sqlite --profile /tmp/gateway.prof
+    .venv/bin/python -m bench.gateway --clients 8 --sample /tmp/gateway-samples.json
+    .venv/bin/python -m bench.gateway --backend sqlite --clients 8 --profile /tmp/gateway.prof
+
+``--sample`` runs ``bench/scheduler.py``'s stack sampler in the server and in the agent during
+the gateway's first throughput run and its SSE streams, and prints where each spent its CPU
+(and the server's SQL statements per request); ``--profile`` runs cProfile (CPU time of the
+loop thread) in the server during the first throughput run. Both slow what they watch.
+``PEERGPU_BENCH_LOG_DIR=DIR`` keeps the server's, the agent's and the engine's logs.
 
 PostgreSQL comes from ``PEERGPU_BENCH_POSTGRES_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``; a scratch database is created and dropped)
@@ -108,8 +117,8 @@ def main() -> None:
     parser.add_argument(
         "--sample",
         type=Path,
-        help="sample the server's stacks (gateway throughput phase; bench/scheduler.py's "
-        "sampler) into this JSON file and print where its CPU went",
+        help="sample the server's and the agent's stacks (first gateway throughput run, SSE "
+        "streams) into this JSON file (and *.agent.json) and print where their CPU went",
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,7 +132,10 @@ def main() -> None:
                 setattr(args, name, value)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     print("command:", " ".join([Path(sys.executable).name, "-m", "bench.gateway", *sys.argv[1:]]))  # noqa: T201
-    print(f"machine: {os.cpu_count()} cores; 4 processes + PostgreSQL/Redis share them")  # noqa: T201
+    print(  # noqa: T201
+        f"machine: {os.cpu_count()} cores, shared by the server, the agent, the engine, this "
+        "client, PostgreSQL and Redis"
+    )
     results: dict[str, Phases] = {}
     for backend in backends:
         background = _background_load()
@@ -462,7 +474,7 @@ def _serve(profile: Path | None, sample: Path | None) -> None:
         pass  # uvicorn re-raises the SIGINT it was stopped with, after a clean shutdown
     finally:
         windows.write()
-        if profiler is not None:
+        if profiler is not None and profile is not None:
             profiler.disable()
             profiler.dump_stats(profile)
 

@@ -136,6 +136,10 @@ class AgentConnection:
                 ping_timeout=20,
                 close_timeout=5,
                 max_size=16 * 1024 * 1024,
+                # No permessage-deflate: it cost the agent and the server more CPU per frame
+                # than anything else on the inference path (bench/gateway.py), and most of
+                # what goes over this socket is small.
+                compression=None,
             )
             ws = await ws_cm
         except InvalidStatus as exc:

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from typing import Any
 
-import httpx
+import aiohttp
 
 from peergpu.agent.link import Link
 from peergpu.agent.settings import ServedModelConfig
@@ -38,6 +38,8 @@ from peergpu.protocol.messages import (
 )
 
 logger = logging.getLogger(__name__)
+#: Longest line a streaming engine may send (one server-sent event).
+_MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 _PATHS = {"chat.completions": "/chat/completions", "embeddings": "/embeddings"}
 _SEND_END_TIMEOUT_SECONDS = 5.0
@@ -58,17 +60,16 @@ class InferenceServer:
         *,
         link: Link,
         models: list[ServedModelConfig],
-        client: httpx.AsyncClient | None = None,
     ) -> None:
         self._link = link
         self._models = {m.name: m for m in models}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._in_flight: Counter[str] = Counter()
         connections = max(1, sum(m.max_concurrency for m in models))
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        )
+        self._connections = connections
+        # aiohttp, not httpx: the engine call was most of the agent's CPU per request with
+        # httpx (bench/gateway.py). Made on first use, inside the running loop.
+        self._client: aiohttp.ClientSession | None = None
 
     @property
     def declared(self) -> list[ServedModelSpec]:
@@ -121,20 +122,31 @@ class InferenceServer:
     async def close(self) -> None:
         self.abort_all()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._client is None or self._client.closed:
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connections),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
+                read_bufsize=_MAX_EVENT_BYTES,
+                auto_decompress=True,
+            )
+        return self._client
 
     async def _serve(self, start: InferStart, model: ServedModelConfig) -> None:
         relay = _Relay(self._link, start, model)
         try:
             async with asyncio.timeout(max(0.0, start.deadline - time.time())):
-                await relay.run(self._client)
+                await relay.run(self._session())
         except asyncio.CancelledError:
             relay.failure = _Failed(499, "cancelled", "The request was cancelled.")
         except TimeoutError:
             relay.failure = _Failed(504, "timeout", "The engine did not finish in time.")
         except _Failed as failed:
             relay.failure = failed
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
             relay.failure = _Failed(
                 502, "engine_unavailable", f"The host's engine is unreachable: {exc}"
             )
@@ -165,12 +177,18 @@ class InferenceServer:
 
 
 class _Relay:
-    """One request: call the engine, forward what it says, remember the usage."""
+    """One request: call the engine, forward what it says, remember the usage.
+
+    Streamed events are coalesced: the first goes out at once, and whatever the engine says
+    while a frame is being sent goes in the next frame, so a fast engine costs one frame per
+    batch rather than per token, and a slow one still gets each token out as it comes."""
 
     def __init__(self, link: Link, start: InferStart, model: ServedModelConfig) -> None:
         self.link, self.start, self.model = link, start, model
         self.failure: _Failed | None = None
         self.seq = 0
+        self._pending: list[str] = []
+        self._sender: asyncio.Task[None] | None = None
         self.reported: InferUsage | None = None
         self.pieces = 0  # streamed chunks with content: the usage of a stream cut short
 
@@ -184,7 +202,7 @@ class _Relay:
             completion_tokens=self.pieces,
         )
 
-    async def run(self, client: httpx.AsyncClient) -> None:
+    async def run(self, client: aiohttp.ClientSession) -> None:
         body = dict(self.start.body)
         body["model"] = self.model.engine_model or self.model.name
         streaming = self.start.endpoint == "chat.completions" and body.get("stream") is True
@@ -195,16 +213,23 @@ class _Relay:
             wants_usage = options.get("include_usage") is True
             body["stream_options"] = {**options, "include_usage": True}
         url = self.model.url.rstrip("/") + _PATHS[self.start.endpoint]
-        headers = {}
+        headers = {"Content-Type": "application/json"}
         if self.model.api_key is not None:
             headers["Authorization"] = f"Bearer {self.model.api_key.get_secret_value()}"
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                raise _engine_error(response.status_code, await response.aread())
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        async with client.post(url, data=payload, headers=headers) as response:
+            if response.status != 200:
+                raise _engine_error(response.status, await response.read())
             if streaming:
-                await self._relay_stream(response, wants_usage)
+                try:
+                    await self._relay_stream(response, wants_usage)
+                except BaseException:
+                    if self._sender is not None:
+                        self._sender.cancel()
+                    raise
+                await self._flush()
             else:
-                await self._relay_whole(await response.aread())
+                await self._relay_whole(await response.read())
 
     async def _relay_whole(self, raw: bytes) -> None:
         try:
@@ -217,11 +242,11 @@ class _Relay:
         self.reported = _usage(answer.get("usage"))
         await self._send([json.dumps(answer, separators=(",", ":"))])
 
-    async def _relay_stream(self, response: httpx.Response, wants_usage: bool) -> None:
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+    async def _relay_stream(self, response: aiohttp.ClientResponse, wants_usage: bool) -> None:
+        async for raw_line in response.content:
+            if not raw_line.startswith(b"data:"):
                 continue
-            payload = line[5:].strip()
+            payload = raw_line[5:].strip().decode()
             if payload == "[DONE]":
                 return
             try:
@@ -242,7 +267,22 @@ class _Relay:
             if _has_content(chunk):
                 self.pieces += 1
             chunk["model"] = self.model.name
-            await self._send([json.dumps(chunk, separators=(",", ":"))])
+            self._pending.append(json.dumps(chunk, separators=(",", ":")))
+            if self._sender is None or self._sender.done():
+                if self._sender is not None:
+                    self._sender.result()  # a failed send ends the stream
+                self._sender = asyncio.create_task(self._send_pending())
+
+    async def _send_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await self._send(batch)
+
+    async def _flush(self) -> None:
+        """Wait for everything the engine said to go out."""
+        if self._sender is not None:
+            await self._sender
+        await self._send_pending()
 
     async def _send(self, data: list[str]) -> None:
         frame = InferChunk(

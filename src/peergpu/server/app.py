@@ -141,6 +141,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
 
+    # First, so that /v1 requests (the hottest path) do not try every /api/v1 route first.
+    app.mount("/v1", gateway)
     app.include_router(health.router)
     for router in (
         auth.router,
@@ -158,8 +160,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
         usage.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
-
-    app.mount("/v1", gateway)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -27,6 +27,7 @@ from peergpu.protocol.messages import InferChunk, InferEnd, InferEndpoint, Infer
 from peergpu.server.agents.inference import InferenceStreams, InferFrame, OpenStream
 from peergpu.server.context import ServerContext
 from peergpu.server.gateway import catalog, limits
+from peergpu.server.gateway.auth import PrincipalCache
 from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.gateway.router import Candidate, NoHost, QueueTimeout, Router
 from peergpu.server.security.principal import Principal
@@ -72,6 +73,7 @@ class Relay:
         self.context = context
         self.streams = streams
         self.router = Router(context)
+        self.principals = PrincipalCache()
         self._background: set[asyncio.Task[None]] = set()
 
     async def serve(self, request: InferenceRequest) -> Response:
@@ -102,6 +104,8 @@ class _Exchange:
         settings = relay.context.settings
         self.started = time.monotonic()
         self.deadline = self.started + settings.gateway_request_timeout_seconds
+        #: The same deadline on the event loop's clock (asyncio.timeout_at).
+        self.loop_deadline = asyncio.get_running_loop().time() + (self.deadline - self.started)
         self.first_chunk_at: float | None = None
         self.candidate: Candidate | None = None
         self.stream: OpenStream | None = None
@@ -253,7 +257,8 @@ class _Exchange:
         stream = self.stream
         assert stream is not None
         try:
-            frame = await asyncio.wait_for(stream.queue.get(), self.deadline - time.monotonic())
+            async with asyncio.timeout_at(self.loop_deadline):
+                frame = await stream.queue.get()
         except TimeoutError:
             await self.relay.streams.cancel(stream)
             return _end(stream, 504, "timeout", "The request took longer than the gateway allows.")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from peergpu.errors import PaymentRequired
 from peergpu.protocol.messages import MODEL_NAME_PATTERN, InferEndpoint
-from peergpu.server.api.deps import ContextDep, SessionDep, require_scope
+from peergpu.server.api.deps import ContextDep, SessionDep
 from peergpu.server.context import ServerContext
 from peergpu.server.gateway import catalog, limits, relay
+from peergpu.server.gateway.auth import GatewayCaller
 from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.gateway.schemas import (
     ChatCompletionRequest,
@@ -22,15 +22,15 @@ from peergpu.server.gateway.schemas import (
     PeerGPUModelInfo,
 )
 from peergpu.server.security.principal import Principal
-from peergpu.server.security.scopes import Scope
 from peergpu.server.services.billing import inference
 
 router = APIRouter()
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
-#: A key with the ``inference`` scope (403 ``insufficient_permissions`` otherwise).
-Caller = Annotated[Principal, Depends(require_scope(Scope.inference))]
+#: A key with the ``inference`` scope (403 ``insufficient_permissions`` otherwise), looked up
+#: without holding a database connection for the request (see :mod:`.auth`).
+Caller = GatewayCaller
 
 
 @router.get("/models")
