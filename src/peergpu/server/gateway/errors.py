@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peergpu import errors
@@ -77,7 +78,9 @@ def install_openai_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     app.add_exception_handler(DataError, _bad_data)  # type: ignore[arg-type]
     app.add_exception_handler(DBAPIError, _database)
+    app.add_exception_handler(PoolTimeoutError, _database)
     app.add_exception_handler(ConnectionError, _database)
+    app.add_exception_handler(TimeoutError, _database)
     app.add_exception_handler(Exception, _unexpected)
 
 
