@@ -194,7 +194,10 @@ def test_a_bundle_job_runs_on_the_cheapest_host_with_logs_and_an_artifact(
 def test_a_job_on_a_killed_host_is_requeued_to_another_host(
     server: ThreadedServer, hosts: Hosts, renter: Renter
 ) -> None:
+    # Both hosts are online before the job starts (an agent takes seconds to enrol and start,
+    # which a short job could outlast); the scheduler picks the cheaper one.
     first = hosts.add("first", "RTX4090", "0.40")
+    second = hosts.add("second", "RTX4090", "0.90")
     job = renter.submit(
         command=[
             "python3",
@@ -205,7 +208,6 @@ def test_a_job_on_a_killed_host_is_requeued_to_another_host(
     )
     running = renter.wait(job["id"], {"running"}, hosts.logs)
     assert running["host_id"] == first
-    second = hosts.add("second", "RTX4090", "0.90")
     hosts.agents["first"].kill()
     done = renter.wait(job["id"], FINAL, hosts.logs, timeout=90)
     assert done["state"] == "succeeded", (done, hosts.logs())
