@@ -9,6 +9,7 @@ import pytest
 
 from peergpu.config import ServerSettings
 from peergpu.server.ratelimit import (
+    Hit,
     InProcessRateLimiter,
     RateLimiter,
     RateLimitResult,
@@ -89,6 +90,47 @@ async def test_concurrent_hits_never_overspend(rate_limiter: RateLimiter) -> Non
     assert sum(r.allowed for r in results) == 10
 
 
+async def test_a_chain_spends_in_order_and_stops_at_the_first_refusal(
+    rate_limiter: RateLimiter,
+) -> None:
+    chain = [Hit("req", limit=2), Hit("tok", limit=10, cost=4)]
+    first = await rate_limiter.hit_chain(chain, window_seconds=WINDOW)
+    assert [(r.allowed, r.remaining, r.limit) for r in first] == [(True, 1, 2), (True, 6, 10)]
+    assert all(0 < r.reset_after <= WINDOW for r in first)
+    # The second budget refuses: the first stays spent, the second spends nothing.
+    second = await rate_limiter.hit_chain(
+        [Hit("req", limit=2), Hit("tok", limit=10, cost=7)], window_seconds=WINDOW
+    )
+    assert [(r.allowed, r.remaining) for r in second] == [(True, 0), (False, 6)]
+    assert second[1].retry_after > 0
+    # The first refuses: the chain stops there and the second is not even tried.
+    third = await rate_limiter.hit_chain(chain, window_seconds=WINDOW)
+    assert [(r.allowed, r.remaining) for r in third] == [(False, 0)]
+    assert (await rate_limiter.hit("tok", limit=10, window_seconds=WINDOW, cost=6)).remaining == 0
+    assert await rate_limiter.hit_chain([], window_seconds=WINDOW) == []
+
+
+async def test_a_chain_with_a_bad_hit_spends_nothing(rate_limiter: RateLimiter) -> None:
+    with pytest.raises(ValueError):
+        await rate_limiter.hit_chain(
+            [Hit("ok", limit=5), Hit("bad", limit=5, cost=0)], window_seconds=WINDOW
+        )
+    assert (await rate_limiter.hit("ok", limit=5, window_seconds=WINDOW)).remaining == 4
+
+
+async def test_concurrent_chains_never_overspend(rate_limiter: RateLimiter) -> None:
+    results = await asyncio.gather(
+        *(
+            rate_limiter.hit_chain(
+                [Hit("c-req", limit=30), Hit("c-tok", limit=10)], window_seconds=WINDOW
+            )
+            for _ in range(50)
+        )
+    )
+    assert sum(len(r) == 2 and r[1].allowed for r in results) == 10
+    assert sum(r[0].allowed for r in results) == 30
+
+
 @pytest.mark.parametrize(
     ("limit", "window_seconds", "cost"), [(0, 1.0, 1), (1, 0.0, 1), (1, -1.0, 1), (1, 1.0, 0)]
 )
@@ -113,8 +155,12 @@ async def test_redis_limiter_fails_open_and_warns(caplog: pytest.LogCaptureFixtu
     try:
         with caplog.at_level(logging.WARNING, logger="peergpu.server.ratelimit.redis"):
             results = [await limiter.hit("ip", limit=1, window_seconds=WINDOW) for _ in range(3)]
+            chained = await limiter.hit_chain(
+                [Hit("ip", limit=1), Hit("tok", limit=1)], window_seconds=WINDOW
+            )
             await limiter.reset("ip")
-        assert all(r.allowed and r.remaining == 1 for r in results)
+        assert all(r.allowed and r.remaining == 1 for r in results + chained)
+        assert len(chained) == 2
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1, "one warning per outage, not one per request"
         assert "failing open" in warnings[0].getMessage()

@@ -151,6 +151,53 @@ async def test_rate_limits_send_openai_headers_and_429(http: httpx.AsyncClient) 
     assert (await other.models.list()).data == []
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+async def test_inference_routes_check_the_caller_then_the_body_in_openai_shape(
+    http: httpx.AsyncClient, path: str
+) -> None:
+    """These routes authenticate and parse their bodies themselves (the hot path): the
+    same answers as FastAPI's dependency and validation would give, in OpenAI's shape."""
+    nobody = await http.post(path, content=b"{not json")
+    assert nobody.status_code == 401
+    assert nobody.json()["error"]["code"] == "invalid_api_key"
+    assert nobody.headers["www-authenticate"] == "Bearer"
+    basic = await http.post(path, json={}, headers={"Authorization": "Basic abc"})
+    assert basic.status_code == 401
+    read_only = {"Authorization": f"Bearer {await _key(http, ['read'])}"}
+    denied = await http.post(path, json={}, headers=read_only)
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "insufficient_permissions"
+
+    caller = {"Authorization": f"Bearer {await _key(http, ['inference'])}"}
+    for content in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"model": ""}'):
+        bad = await http.post(path, content=content, headers=caller)
+        assert bad.status_code == 400, (content, bad.text)
+        error = bad.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
+    missing = await http.post(path, json={"model": "m"}, headers=caller)
+    expected = "messages" if "chat" in path else "input"
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == expected
+    nested = {"model": "m", "messages": [{"role": ""}], "input": []}
+    deep = (await http.post(path, json=nested, headers=caller)).json()["error"]
+    assert deep["param"] == ("messages.0.role" if "chat" in path else "input")
+    # Valid, but nobody serves it: past the parsing, into the relay.
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "input": "hi"}
+    unknown = await http.post(path, json=body, headers=caller)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert unknown.headers["x-ratelimit-limit-requests"] == "5"
+
+
+def test_the_inference_routes_document_their_bodies() -> None:
+    document = create_app(ServerSettings()).routes  # the /v1 app is mounted first
+    gateway = next(route for route in document if getattr(route, "path", "") == "/v1")
+    paths = gateway.app.openapi()["paths"]  # type: ignore[attr-defined]
+    for path, required in (("/chat/completions", "messages"), ("/embeddings", "input")):
+        operation = paths[path]["post"]
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert required in schema["required"] and "$ref" not in str(schema)
+        assert operation["security"] == [{"HTTPBearer": []}]
+
+
 async def test_unknown_paths_answer_in_openai_shape(http: httpx.AsyncClient) -> None:
     response = await http.get("/v1/nope", headers={"Authorization": "Bearer x"})
     assert response.status_code == 404

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from peergpu.agent.bundle_fetch import BundleCache
 from peergpu.agent.connection import AgentConnection, Backoff
@@ -20,6 +22,23 @@ from peergpu.agent.settings import AgentSettings
 from peergpu.protocol.manifest import ManifestVerifier, decode_public_key
 
 logger = logging.getLogger(__name__)
+
+
+def run_forever(main: Coroutine[Any, Any, None]) -> None:
+    """Run the agent's top coroutine on uvloop where it is installed (it comes with
+    ``uvicorn[standard]``; not on Windows), else on asyncio's own loop. uvloop's socket and
+    subprocess I/O cost a fraction of the default loop's, and the agent relays every gateway
+    request and log line through its socket."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(main)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def build_runners(settings: AgentSettings) -> dict[str, Runner]:

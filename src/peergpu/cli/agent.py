@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from peergpu.agent import credentials as creds
 from peergpu.agent.connection import FatalAgentError
 from peergpu.agent.gpus import NoGpuFound, detect_probe
-from peergpu.agent.runtime import run_agent
+from peergpu.agent.runtime import run_agent, run_forever
 from peergpu.agent.settings import AgentSettings, ServedModelConfig
 from peergpu.cli.common import configure_logging, console, fail
 
@@ -89,7 +89,7 @@ def run(
     )
     try:
         credentials = creds.load(settings.credentials_path)
-        asyncio.run(run_agent(settings, credentials))
+        run_forever(run_agent(settings, credentials))
     except creds.MissingCredentials as exc:
         fail(str(exc))
     except NoGpuFound as exc:

@@ -76,17 +76,29 @@ async def gateway_caller(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The caller, who must hold the ``inference`` scope (401 / 403 otherwise)."""
-    if credentials is None or not credentials.credentials:
+    return await caller_of(request, context, credentials.credentials if credentials else None)
+
+
+async def caller_of(request: Request, context: ServerContext, token: str | None) -> Principal:
+    """:func:`gateway_caller` for the hot routes, which read the bearer token themselves
+    (:func:`bearer_token`) rather than through FastAPI's dependency resolution."""
+    if not token:
         raise AuthenticationFailed(
             "Send 'Authorization: Bearer <API key>'.", code="not_authenticated"
         )
     cache: PrincipalCache = request.app.state.relay.principals
-    principal = await authenticate(context, cache, credentials.credentials)
+    principal = await authenticate(context, cache, token)
     if not principal.can(Scope.inference):
         raise PermissionDenied(
             "This key does not have the 'inference' scope.", code="insufficient_scope"
         )
     return principal
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, as ``HTTPBearer`` reads it."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 GatewayCaller = Annotated[Principal, Depends(gateway_caller)]

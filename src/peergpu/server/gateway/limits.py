@@ -14,37 +14,30 @@ import math
 
 from peergpu.server.context import ServerContext
 from peergpu.server.gateway.errors import OpenAIError
-from peergpu.server.ratelimit.base import RateLimitResult
+from peergpu.server.ratelimit.base import Hit, RateLimitResult
 from peergpu.server.security.principal import Principal
 
 WINDOW_SECONDS = 60.0
+_KINDS = ("requests", "tokens")
 
 
 async def admit(context: ServerContext, principal: Principal, *, tokens: int = 0) -> dict[str, str]:
     """Spend one request (and ``tokens``) of the caller's budgets; the headers to send. Raises
     a 429 :class:`OpenAIError` (with the same headers and ``Retry-After``) when either budget
     is spent. A request refused for requests spends no tokens; one refused for tokens has
-    spent its request (the request budget is checked first)."""
+    spent its request (the request budget is checked first). Both budgets are one round trip
+    to the limiter (:meth:`~peergpu.server.ratelimit.RateLimiter.hit_chain`)."""
     settings = context.settings
-    who = str(principal.api_key_id or principal.user_id)
-    requests = await context.rate_limiter.hit(
-        f"gateway:requests:{who}",
-        limit=settings.gateway_requests_per_minute,
-        window_seconds=WINDOW_SECONDS,
-    )
-    headers = _headers("requests", requests)
-    if not requests.allowed:
-        raise _refused("requests", requests, headers)
+    who = _who(principal)
+    hits = [Hit(f"gateway:requests:{who}", settings.gateway_requests_per_minute)]
     if tokens > 0:
-        spent = await context.rate_limiter.hit(
-            f"gateway:tokens:{who}",
-            limit=settings.gateway_tokens_per_minute,
-            window_seconds=WINDOW_SECONDS,
-            cost=tokens,
-        )
-        headers |= _headers("tokens", spent)
-        if not spent.allowed:
-            raise _refused("tokens", spent, headers)
+        hits.append(Hit(f"gateway:tokens:{who}", settings.gateway_tokens_per_minute, tokens))
+    results = await context.rate_limiter.hit_chain(hits, window_seconds=WINDOW_SECONDS)
+    headers: dict[str, str] = {}
+    for kind, result in zip(_KINDS, results, strict=False):
+        headers |= _headers(kind, result)
+        if not result.allowed:
+            raise _refused(kind, result, headers)
     return headers
 
 
@@ -54,11 +47,16 @@ async def spend_tokens(context: ServerContext, principal: Principal, tokens: int
     if tokens <= 0:
         return
     await context.rate_limiter.hit(
-        f"gateway:tokens:{principal.api_key_id or principal.user_id}",
+        f"gateway:tokens:{_who(principal)}",
         limit=context.settings.gateway_tokens_per_minute,
         window_seconds=WINDOW_SECONDS,
         cost=tokens,
     )
+
+
+def _who(principal: Principal) -> str:
+    # In braces: a Redis Cluster hash tag, so one caller's budgets share a slot (one script).
+    return "{" + str(principal.api_key_id or principal.user_id) + "}"
 
 
 def reset_text(seconds: float) -> str:

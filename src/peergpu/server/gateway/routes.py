@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from peergpu.errors import PaymentRequired
 from peergpu.protocol.messages import MODEL_NAME_PATTERN, InferEndpoint
 from peergpu.server.api.deps import ContextDep, SessionDep
 from peergpu.server.context import ServerContext
 from peergpu.server.gateway import catalog, limits, relay
-from peergpu.server.gateway.auth import GatewayCaller
+from peergpu.server.gateway.auth import GatewayCaller, bearer_token, caller_of
 from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.gateway.schemas import (
     ChatCompletionRequest,
@@ -26,6 +29,32 @@ from peergpu.server.services.billing import inference
 
 router = APIRouter()
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+def _documented(schema: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses its body itself, from its model (with
+    the model's own definitions inlined: the document's components do not hold them)."""
+    generated = schema.model_json_schema()
+    definitions = generated.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline(generated)}},
+        },
+        "security": [{"HTTPBearer": []}],  # the scheme the model routes' dependency declares
+    }
 
 
 #: A key with the ``inference`` scope (403 ``insufficient_permissions`` otherwise), looked up
@@ -77,16 +106,27 @@ def _model(served: catalog.ServedModel) -> ModelObject:
     )
 
 
-@router.post("/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, principal: Caller, context: ContextDep
-) -> Response:
+# The two inference routes are the hottest path of the server. They take the bare request and
+# do what FastAPI's dependency resolution and body parsing would (authenticate, parse the body
+# once, validate it with the same models, answer the same 400s), at a fraction of the cost:
+# about a third of the server's CPU per request went to that machinery. Their OpenAPI entries
+# are still generated from the models (``_documented``).
+
+
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    openapi_extra=_documented(ChatCompletionRequest),
+)
+async def chat_completions(request: Request) -> Response:
     """A chat completion from a host serving the model; ``stream: true`` answers as
     server-sent events ending with ``data: [DONE]``."""
+    context, principal, raw, body = await _accept(request, ChatCompletionRequest)
     return await _relay(
         request,
         principal,
         context,
+        raw=raw,
         endpoint="chat.completions",
         kind="chat",
         model=body.model,
@@ -95,15 +135,15 @@ async def chat_completions(
     )
 
 
-@router.post("/embeddings", response_model=None)
-async def embeddings(
-    body: EmbeddingRequest, request: Request, principal: Caller, context: ContextDep
-) -> Response:
+@router.post("/embeddings", response_model=None, openapi_extra=_documented(EmbeddingRequest))
+async def embeddings(request: Request) -> Response:
     """Embeddings of one text or many, from a host serving the model."""
+    context, principal, raw, body = await _accept(request, EmbeddingRequest)
     return await _relay(
         request,
         principal,
         context,
+        raw=raw,
         endpoint="embeddings",
         kind="embeddings",
         model=body.model,
@@ -112,20 +152,45 @@ async def embeddings(
     )
 
 
+async def _accept(
+    request: Request, schema: type[_Body]
+) -> tuple[ServerContext, Principal, dict[str, Any], _Body]:
+    """The caller (401/403 first, as the dependency would), then the body: parsed once,
+    validated by ``schema`` (400 in OpenAI's shape, through the validation handler)."""
+    context: ServerContext = request.app.state.context
+    principal = await caller_of(request, context, bearer_token(request))
+    data = await request.body()
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {}}]
+        ) from exc
+    try:
+        body = schema.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        ) from exc
+    request.state.body_bytes = len(data)
+    return context, principal, raw, body
+
+
 async def _relay(
     request: Request,
     principal: Principal,
     context: ServerContext,
     *,
+    raw: dict[str, Any],
     endpoint: InferEndpoint,
     kind: str,
     model: str,
     stream: bool,
     completion_limit: int | None,
 ) -> Response:
-    raw = await request.body()
+    body_bytes: int = request.state.body_bytes
     headers = await limits.admit(
-        context, principal, tokens=relay.estimate_tokens(len(raw)) + (completion_limit or 0)
+        context, principal, tokens=relay.estimate_tokens(body_bytes) + (completion_limit or 0)
     )
     if not _MODEL_NAME.fullmatch(model):
         raise OpenAIError(
@@ -154,8 +219,8 @@ async def _relay(
             endpoint=endpoint,
             kind=kind,
             model=model,
-            body=json.loads(raw),
-            body_bytes=len(raw),
+            body=raw,
+            body_bytes=body_bytes,
             stream=stream,
             max_completion_tokens=completion_limit,
             headers=headers,

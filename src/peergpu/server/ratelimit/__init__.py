@@ -7,11 +7,12 @@ by all server processes, fails open) when ``redis_url`` is set, else ``InProcess
 from __future__ import annotations
 
 from peergpu.config import ServerSettings
-from peergpu.server.ratelimit.base import RateLimiter, RateLimitResult
+from peergpu.server.ratelimit.base import Hit, RateLimiter, RateLimitResult
 from peergpu.server.ratelimit.memory import InProcessRateLimiter
 from peergpu.server.ratelimit.redis import RedisRateLimiter
 
 __all__ = [
+    "Hit",
     "InProcessRateLimiter",
     "RateLimitResult",
     "RateLimiter",

@@ -12,6 +12,7 @@ contract by ``tests/bus/test_ratelimit_contract.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -36,6 +37,15 @@ class RateLimitResult:
         return 0.0 if self.allowed else self.reset_after
 
 
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One hit of a :meth:`RateLimiter.hit_chain`: ``cost`` units of ``key``'s ``limit``."""
+
+    key: str
+    limit: int
+    cost: int = 1
+
+
 class RateLimiter(ABC):
     """Counts hits per key; see the module docstring for the exact semantics."""
 
@@ -48,6 +58,26 @@ class RateLimiter(ABC):
         Atomic per key: concurrent hits never overspend. Raises ``ValueError`` when
         ``limit < 1``, ``window_seconds <= 0`` or ``cost < 1``.
         """
+
+    async def hit_chain(
+        self, hits: Sequence[Hit], *, window_seconds: float
+    ) -> list[RateLimitResult]:
+        """``hit`` each of ``hits`` in order, stopping at the first refused one: the results
+        of the hits tried, so the last one is refused iff the list is shorter than ``hits``
+        or its last verdict is a refusal. Hits after a refusal spend nothing; hits before it
+        stay spent. Each hit is atomic on its key (not the chain as a whole). An
+        implementation may do it all in one round trip (Redis does)."""
+        for hit in hits:
+            check_hit_arguments(limit=hit.limit, window_seconds=window_seconds, cost=hit.cost)
+        results: list[RateLimitResult] = []
+        for hit in hits:
+            result = await self.hit(
+                hit.key, limit=hit.limit, window_seconds=window_seconds, cost=hit.cost
+            )
+            results.append(result)
+            if not result.allowed:
+                break
+        return results
 
     @abstractmethod
     async def reset(self, key: str) -> None:

@@ -2,7 +2,9 @@
 
 Each hit is one atomic Lua script (``GET``, ``INCRBY``, ``PEXPIRE``) on the key
 ``prefix + "rl:" + key``, so concurrent hits from any number of processes never overspend and
-the window expires by itself in Redis.
+the window expires by itself in Redis. A :meth:`~RedisRateLimiter.hit_chain` is one script
+over all its keys: one round trip (on Redis Cluster its keys must share a hash slot, so
+callers put a ``{hash tag}`` in them).
 
 **It fails open.** Rate limits must never take the API down: when Redis cannot be reached or
 errors, ``hit`` allows the request (``remaining == limit``, ``reset_after == 0.0``) and
@@ -18,14 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from peergpu.server.ratelimit.base import RateLimiter, RateLimitResult, check_hit_arguments
+from peergpu.server.ratelimit.base import Hit, RateLimiter, RateLimitResult, check_hit_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,39 @@ end
 return {1, used, ttl}
 """
 
+# The same, for each of KEYS in turn, stopping after the first refusal. ARGV = window in ms,
+# then (limit, cost) per key. Returns {allowed, used, pttl_ms} per key tried, flattened.
+_CHAIN_SCRIPT = """
+local window_ms = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[2 * i])
+  local cost = tonumber(ARGV[2 * i + 1])
+  local used = tonumber(redis.call('GET', key) or '0')
+  if used + cost > limit then
+    local ttl = redis.call('PTTL', key)
+    if ttl == -1 then
+      redis.call('PEXPIRE', key, window_ms)
+      ttl = window_ms
+    end
+    table.insert(out, 0)
+    table.insert(out, used)
+    table.insert(out, ttl)
+    return out
+  end
+  used = redis.call('INCRBY', key, cost)
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then
+    redis.call('PEXPIRE', key, window_ms)
+    ttl = window_ms
+  end
+  table.insert(out, 1)
+  table.insert(out, used)
+  table.insert(out, ttl)
+end
+return out
+"""
+
 
 class RedisRateLimiter(RateLimiter):
     """``RateLimiter`` over Redis that fails open; see the module docstring."""
@@ -78,6 +113,7 @@ class RedisRateLimiter(RateLimiter):
             decode_responses=False,
         )
         self._hit_script = self._redis.register_script(_HIT_SCRIPT)
+        self._chain_script = self._redis.register_script(_CHAIN_SCRIPT)
         self._failure_cooldown = failure_cooldown_seconds
         self._clock = clock
         self._skip_redis_until: float | None = None
@@ -86,7 +122,7 @@ class RedisRateLimiter(RateLimiter):
         self, key: str, *, limit: int, window_seconds: float, cost: int = 1
     ) -> RateLimitResult:
         check_hit_arguments(limit=limit, window_seconds=window_seconds, cost=cost)
-        allow = RateLimitResult(allowed=True, limit=limit, remaining=limit, reset_after=0.0)
+        allow = _open(limit)
         if self._cooling_down():
             return allow
         window_ms = max(1, math.ceil(window_seconds * 1000))
@@ -98,12 +134,33 @@ class RedisRateLimiter(RateLimiter):
             self._record_failure("hit", exc)
             return allow
         self._record_success()
-        return RateLimitResult(
-            allowed=bool(allowed),
-            limit=limit,
-            remaining=max(0, limit - int(used)),
-            reset_after=(int(ttl_ms) if ttl_ms > 0 else window_ms) / 1000,
-        )
+        return _result(limit, window_ms, allowed, used, ttl_ms)
+
+    async def hit_chain(
+        self, hits: Sequence[Hit], *, window_seconds: float
+    ) -> list[RateLimitResult]:
+        for one in hits:
+            check_hit_arguments(limit=one.limit, window_seconds=window_seconds, cost=one.cost)
+        if not hits:
+            return []
+        if self._cooling_down():
+            return [_open(one.limit) for one in hits]
+        window_ms = max(1, math.ceil(window_seconds * 1000))
+        args: list[int] = [window_ms]
+        for one in hits:
+            args += [one.limit, one.cost]
+        try:
+            flat = await self._chain_script(
+                keys=[self._key_prefix + one.key for one in hits], args=args
+            )
+        except (RedisError, OSError) as exc:
+            self._record_failure("hit_chain", exc)
+            return [_open(one.limit) for one in hits]
+        self._record_success()
+        return [
+            _result(one.limit, window_ms, *flat[3 * i : 3 * i + 3])
+            for i, one in enumerate(hits[: len(flat) // 3])
+        ]
 
     async def reset(self, key: str) -> None:
         if self._cooling_down():
@@ -136,3 +193,17 @@ class RedisRateLimiter(RateLimiter):
         if self._skip_redis_until is not None:
             logger.info("Redis rate limiter reachable again")
             self._skip_redis_until = None
+
+
+def _open(limit: int) -> RateLimitResult:
+    """The verdict while Redis is unreachable: allowed (the limiter fails open)."""
+    return RateLimitResult(allowed=True, limit=limit, remaining=limit, reset_after=0.0)
+
+
+def _result(limit: int, window_ms: int, allowed: int, used: int, ttl_ms: int) -> RateLimitResult:
+    return RateLimitResult(
+        allowed=bool(allowed),
+        limit=limit,
+        remaining=max(0, limit - int(used)),
+        reset_after=(int(ttl_ms) if ttl_ms > 0 else window_ms) / 1000,
+    )
