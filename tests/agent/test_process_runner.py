@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -373,6 +376,55 @@ async def test_daemonized_grandchild_dies_with_the_job(
     result = await run(process_runner, spec)
     assert result.failure_reason is None, result.message
     assert processes_of(spec) == set()
+
+
+_AGENT_SCRIPT = """
+import asyncio, json, sys
+from pathlib import Path
+from peergpu.agent.runners import ProcessRunner, ResourceLimits, RunSpec
+
+async def main() -> None:
+    options, command, workdir, marker = json.loads(sys.argv[1])
+    spec = RunSpec(job_id="orphan-test", command=command, workdir=Path(workdir),
+                   env={"PEERGPU_TEST_MARKER": marker}, limits=ResourceLimits())
+    async def sink(stream: str, line: str) -> None:
+        print(line, flush=True)
+    await ProcessRunner(**options).run(spec, sink)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["full", "rlimits-only"])
+def test_a_job_dies_with_an_agent_that_was_killed(
+    job_workdir: Path, job_python: str, mode: str
+) -> None:
+    """An agent killed with SIGKILL (or crashed) cannot stop its jobs: the kernel does
+    (PR_SET_PDEATHSIG, set by the launcher), so no job runs on, orphaned, for ever."""
+    from tests.agent.conftest import RUNNER_MODES
+
+    spec = make_spec(
+        job_workdir,
+        [job_python, "-c", "import time\nprint('up', flush=True)\nwhile True: time.sleep(0.1)"],
+    )
+    marker = spec.env["PEERGPU_TEST_MARKER"]
+    arguments = json.dumps([RUNNER_MODES[mode], spec.command, str(job_workdir), marker])
+    agent = subprocess.Popen(
+        [sys.executable, "-c", _AGENT_SCRIPT, arguments], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert agent.stdout is not None and agent.stdout.readline().strip() == "up"
+        assert processes_of(spec), "the job is running"
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        deadline = time.monotonic() + 10
+        while processes_of(spec) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_of(spec) == set(), "the job outlived its agent"
+    finally:
+        agent.kill()
+        for pid in processes_of(spec):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def test_sink_errors_propagate_and_stop_the_job(

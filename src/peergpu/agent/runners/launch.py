@@ -9,9 +9,11 @@ so the job's environment never appears on a command line), then, in this order:
 2. sets the resource limits (RLIMIT_*);
 3. drops privileges to the job's uid/gid (supplementary groups cleared) and, unless bubblewrap
    follows (it does this itself), sets no_new_privs;
-4. restores default handling of SIGPIPE and SIGXFSZ (Python ignores them, and an ignored signal
+4. asks the kernel to SIGKILL it when the agent dies (``PR_SET_PDEATHSIG``, set after the
+   user switch, which clears it): a job never outlives an agent that was killed or crashed;
+5. restores default handling of SIGPIPE and SIGXFSZ (Python ignores them, and an ignored signal
    stays ignored across exec) and sets umask 077;
-5. changes into the work dir and ``execvpe``\\s the command with the job's environment.
+6. changes into the work dir and ``execvpe``\\s the command with the job's environment.
 
 If any step fails it writes one line to ``STATUS_FD`` and exits 127; after a successful exec the
 status pipe closes empty (it is close-on-exec), which is how the runner tells "could not start"
@@ -32,11 +34,13 @@ import signal
 import sys
 from typing import Any
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
 
 def main(argv: list[str]) -> None:
     config_fd, status_fd = int(argv[1]), int(argv[2])
+    agent = os.getppid()
     os.set_inheritable(status_fd, False)
     step = "reading the launcher configuration"
     try:
@@ -58,6 +62,10 @@ def main(argv: list[str]) -> None:
         if config["no_new_privs"]:
             step = "setting no_new_privs"
             _set_no_new_privs()
+        step = "binding the job to the agent's life"
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != agent:  # the agent died before the binding: nobody waits for us
+            os._exit(137)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         os.umask(0o077)
@@ -74,8 +82,12 @@ def main(argv: list[str]) -> None:
 def _set_no_new_privs() -> None:
     """prctl(PR_SET_NO_NEW_PRIVS): exec can never again raise privileges (setuid binaries, file
     capabilities). bubblewrap sets this itself for its sandboxed command."""
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if libc.prctl(option, value, 0, 0, 0) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
