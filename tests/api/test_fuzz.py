@@ -52,13 +52,13 @@ from tests.factories import PASSWORD, make_org, make_user
 
 pytestmark = [
     pytest.mark.parametrize("backend", ["sqlite+memory"], indirect=True),
-    # About 100 s alone on the 2-core machine (every operation of the API, both modes), more
+    # About 80 s alone on the 2-core machine (every operation of the API, both modes), more
     # inside the whole suite: past the suite's default of 120 s.
     pytest.mark.timeout(400),
 ]
 
 BASE_URL = "http://testserver"
-MAX_EXAMPLES = 30  # per operation and generation mode, on top of the deterministic cases
+MAX_EXAMPLES = 20  # per operation and generation mode, on top of the deterministic cases
 FIXED_CASE_IDENTITIES = ("user", "admin")
 MAX_REPORTED = 25
 MODES = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
