@@ -2,8 +2,8 @@
 
 Each hit is one atomic Lua script (``GET``, ``INCRBY``, ``PEXPIRE``) on the key
 ``prefix + "rl:" + key``, so concurrent hits from any number of processes never overspend and
-the window expires by itself in Redis. A :meth:`~RedisRateLimiter.hit_chain` is one script
-over all its keys: one round trip (on Redis Cluster its keys must share a hash slot, so
+the window expires by itself in Redis. A :meth:`~RedisRateLimiter.hit_chain` is the same
+script over all its keys: one round trip (on Redis Cluster its keys must share a hash slot, so
 callers put a ``{hash tag}`` in them).
 
 **It fails open.** Rate limits must never take the API down: when Redis cannot be reached or
@@ -34,59 +34,32 @@ logger = logging.getLogger(__name__)
 DEFAULT_SOCKET_TIMEOUT = 1.0
 DEFAULT_FAILURE_COOLDOWN = 1.0
 
-# KEYS[1] = counter key; ARGV = limit, window in ms, cost. Returns {allowed, used, pttl_ms}.
-# A refused hit leaves the counter alone; the first allowed hit of a window sets the expiry.
+# For each of KEYS in turn: ARGV = window in ms, then (limit, cost) per key. Stops after the
+# first refusal; returns {allowed, used, pttl_ms} per key tried, flattened. A refused hit
+# leaves its counter alone; the first allowed hit of a window sets the expiry (and a counter
+# found without one, which a crash between INCRBY and PEXPIRE could leave, gets one).
 _HIT_SCRIPT = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local limit = tonumber(ARGV[1])
-local window_ms = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-if used + cost > limit then
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl == -1 then
-    redis.call('PEXPIRE', KEYS[1], window_ms)
-    ttl = window_ms
-  end
-  return {0, used, ttl}
-end
-used = redis.call('INCRBY', KEYS[1], cost)
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], window_ms)
-  ttl = window_ms
-end
-return {1, used, ttl}
-"""
-
-# The same, for each of KEYS in turn, stopping after the first refusal. ARGV = window in ms,
-# then (limit, cost) per key. Returns {allowed, used, pttl_ms} per key tried, flattened.
-_CHAIN_SCRIPT = """
 local window_ms = tonumber(ARGV[1])
 local out = {}
 for i, key in ipairs(KEYS) do
   local limit = tonumber(ARGV[2 * i])
   local cost = tonumber(ARGV[2 * i + 1])
   local used = tonumber(redis.call('GET', key) or '0')
-  if used + cost > limit then
-    local ttl = redis.call('PTTL', key)
-    if ttl == -1 then
-      redis.call('PEXPIRE', key, window_ms)
-      ttl = window_ms
-    end
-    table.insert(out, 0)
-    table.insert(out, used)
-    table.insert(out, ttl)
-    return out
+  local allowed = used + cost <= limit
+  if allowed then
+    used = redis.call('INCRBY', key, cost)
   end
-  used = redis.call('INCRBY', key, cost)
   local ttl = redis.call('PTTL', key)
-  if ttl < 0 then
+  if ttl == -1 or (allowed and ttl < 0) then
     redis.call('PEXPIRE', key, window_ms)
     ttl = window_ms
   end
-  table.insert(out, 1)
+  table.insert(out, allowed and 1 or 0)
   table.insert(out, used)
   table.insert(out, ttl)
+  if not allowed then
+    return out
+  end
 end
 return out
 """
@@ -113,7 +86,6 @@ class RedisRateLimiter(RateLimiter):
             decode_responses=False,
         )
         self._hit_script = self._redis.register_script(_HIT_SCRIPT)
-        self._chain_script = self._redis.register_script(_CHAIN_SCRIPT)
         self._failure_cooldown = failure_cooldown_seconds
         self._clock = clock
         self._skip_redis_until: float | None = None
@@ -128,7 +100,7 @@ class RedisRateLimiter(RateLimiter):
         window_ms = max(1, math.ceil(window_seconds * 1000))
         try:
             allowed, used, ttl_ms = await self._hit_script(
-                keys=[self._key_prefix + key], args=[limit, window_ms, cost]
+                keys=[self._key_prefix + key], args=[window_ms, limit, cost]
             )
         except (RedisError, OSError) as exc:
             self._record_failure("hit", exc)
@@ -150,7 +122,7 @@ class RedisRateLimiter(RateLimiter):
         for one in hits:
             args += [one.limit, one.cost]
         try:
-            flat = await self._chain_script(
+            flat = await self._hit_script(
                 keys=[self._key_prefix + one.key for one in hits], args=args
             )
         except (RedisError, OSError) as exc:
