@@ -109,8 +109,8 @@ def _model(served: catalog.ServedModel) -> ModelObject:
 # The two inference routes are the hottest path of the server. They take the bare request and
 # do what FastAPI's dependency resolution and body parsing would (authenticate, parse the body
 # once, validate it with the same models, answer the same 400s), at a fraction of the cost:
-# about a third of the server's CPU per request went to that machinery. Their OpenAPI entries
-# are still generated from the models (``_documented``).
+# about a fifth of the server's CPU per request went to that machinery (bench/gateway.py).
+# Their OpenAPI entries are still generated from the models (``_documented``).
 
 
 @router.post(
@@ -121,12 +121,13 @@ def _model(served: catalog.ServedModel) -> ModelObject:
 async def chat_completions(request: Request) -> Response:
     """A chat completion from a host serving the model; ``stream: true`` answers as
     server-sent events ending with ``data: [DONE]``."""
-    context, principal, raw, body = await _accept(request, ChatCompletionRequest)
+    context, principal, (raw, size, body) = await _accept(request, ChatCompletionRequest)
     return await _relay(
         request,
         principal,
         context,
         raw=raw,
+        body_bytes=size,
         endpoint="chat.completions",
         kind="chat",
         model=body.model,
@@ -138,12 +139,13 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/embeddings", response_model=None, openapi_extra=_documented(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
     """Embeddings of one text or many, from a host serving the model."""
-    context, principal, raw, body = await _accept(request, EmbeddingRequest)
+    context, principal, (raw, size, body) = await _accept(request, EmbeddingRequest)
     return await _relay(
         request,
         principal,
         context,
         raw=raw,
+        body_bytes=size,
         endpoint="embeddings",
         kind="embeddings",
         model=body.model,
@@ -154,9 +156,10 @@ async def embeddings(request: Request) -> Response:
 
 async def _accept(
     request: Request, schema: type[_Body]
-) -> tuple[ServerContext, Principal, dict[str, Any], _Body]:
+) -> tuple[ServerContext, Principal, tuple[dict[str, Any], int, _Body]]:
     """The caller (401/403 first, as the dependency would), then the body: parsed once,
-    validated by ``schema`` (400 in OpenAI's shape, through the validation handler)."""
+    validated by ``schema`` (400 in OpenAI's shape, through the validation handler). The body
+    comes back as sent (for the engine), its size in bytes, and validated."""
     context: ServerContext = request.app.state.context
     principal = await caller_of(request, context, bearer_token(request))
     data = await request.body()
@@ -172,8 +175,7 @@ async def _accept(
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
         ) from exc
-    request.state.body_bytes = len(data)
-    return context, principal, raw, body
+    return context, principal, (raw, len(data), body)
 
 
 async def _relay(
@@ -182,13 +184,13 @@ async def _relay(
     context: ServerContext,
     *,
     raw: dict[str, Any],
+    body_bytes: int,
     endpoint: InferEndpoint,
     kind: str,
     model: str,
     stream: bool,
     completion_limit: int | None,
 ) -> Response:
-    body_bytes: int = request.state.body_bytes
     headers = await limits.admit(
         context, principal, tokens=relay.estimate_tokens(body_bytes) + (completion_limit or 0)
     )
