@@ -93,20 +93,8 @@ class RedisRateLimiter(RateLimiter):
     async def hit(
         self, key: str, *, limit: int, window_seconds: float, cost: int = 1
     ) -> RateLimitResult:
-        check_hit_arguments(limit=limit, window_seconds=window_seconds, cost=cost)
-        allow = _open(limit)
-        if self._cooling_down():
-            return allow
-        window_ms = max(1, math.ceil(window_seconds * 1000))
-        try:
-            allowed, used, ttl_ms = await self._hit_script(
-                keys=[self._key_prefix + key], args=[window_ms, limit, cost]
-            )
-        except (RedisError, OSError) as exc:
-            self._record_failure("hit", exc)
-            return allow
-        self._record_success()
-        return _result(limit, window_ms, allowed, used, ttl_ms)
+        [result] = await self.hit_chain([Hit(key, limit, cost)], window_seconds=window_seconds)
+        return result
 
     async def hit_chain(
         self, hits: Sequence[Hit], *, window_seconds: float
@@ -126,7 +114,7 @@ class RedisRateLimiter(RateLimiter):
                 keys=[self._key_prefix + one.key for one in hits], args=args
             )
         except (RedisError, OSError) as exc:
-            self._record_failure("hit_chain", exc)
+            self._record_failure("hit", exc)
             return [_open(one.limit) for one in hits]
         self._record_success()
         return [
