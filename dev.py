@@ -51,13 +51,21 @@ def test(uv: str, extra: list[str]) -> int:
         ["ruff", "check", "src", "tests", "bench", "dev.py"],
         ["ruff", "format", "--check", "src", "tests", "bench", "dev.py"],
         ["mypy"],
-        ["pytest", *extra],
+        ["pytest", *_workers(extra), *extra],
     ]
     for step in steps:
         code = call([uv, "run", "--frozen", "--no-sync", *step])
         if code != 0:
             return code
     return 0
+
+
+def _workers(extra: list[str]) -> list[str]:
+    """Two pytest workers (pytest-xdist) unless the caller chose (``-n 0`` runs in one process).
+    Each worker has its own PostgreSQL database and Redis prefixes; most e2e tests wait on
+    agents and servers, so two workers finish in about a third of the time on two cores."""
+    chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in extra)
+    return [] if chosen or "no:xdist" in extra else ["-n", "2"]
 
 
 def run(command: list[str]) -> None:

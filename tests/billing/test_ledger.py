@@ -118,10 +118,10 @@ def test_postings_that_do_not_balance_are_a_bug() -> None:
     [
         "user:not-a-uuid:available",
         "platform:available",
-        f"org:{uuid.uuid4()}:host_payable",
-        f"user:{uuid.uuid4()}:fees",
+        "org:6f1c1f5e-3d0b-4a43-9a53-1b2f3c4d5e6f:host_payable",
+        "user:0b7e5c1a-8d2f-4e6b-9c3a-5d4e3f2a1b0c:fees",
         "nobody:x:held",
-        f"user:{uuid.uuid4()}:cash",
+        "user:9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d:cash",
     ],
 )
 def test_bad_account_codes_are_refused(code: str) -> None:

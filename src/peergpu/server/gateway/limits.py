@@ -6,10 +6,17 @@ tokens (a request is charged its prompt estimate plus its ``max_tokens`` up fron
 ``max_tokens``, the completion's tokens once it is done). Every
 answer carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*``
 (``"1s"``, ``"6m0s"``); a refused request is a 429 with ``Retry-After``.
+
+Tokens counted after an answer are not a limiter call of their own: :class:`TokenDebts` keeps
+them on this replica and the caller's next admission charges them in the same round trip
+(before its own budgets, and whether or not it is admitted: they were used). A flush every
+second charges what is still owed, so other replicas see it within a second.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 
 from peergpu.server.context import ServerContext
@@ -17,41 +24,100 @@ from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.ratelimit.base import Hit, RateLimitResult
 from peergpu.server.security.principal import Principal
 
+logger = logging.getLogger(__name__)
+
 WINDOW_SECONDS = 60.0
+FLUSH_SECONDS = 1.0
 _KINDS = ("requests", "tokens")
+#: The "limit" of a charge that must land whatever the budget says (tokens already used).
+_UNBOUNDED = 2**53
 
 
-async def admit(context: ServerContext, principal: Principal, *, tokens: int = 0) -> dict[str, str]:
+class TokenDebts:
+    """Tokens counted after answers, owed to their callers' token budgets on this replica."""
+
+    def __init__(self) -> None:
+        self._owed: dict[str, int] = {}
+
+    def add(self, who: str, tokens: int) -> None:
+        if tokens > 0:
+            self._owed[who] = self._owed.get(who, 0) + tokens
+
+    def take(self, who: str) -> int:
+        return self._owed.pop(who, 0)
+
+    def take_all(self) -> dict[str, int]:
+        owed, self._owed = self._owed, {}
+        return owed
+
+    def __len__(self) -> int:
+        return len(self._owed)
+
+
+async def admit(
+    context: ServerContext,
+    principal: Principal,
+    *,
+    tokens: int = 0,
+    debts: TokenDebts | None = None,
+) -> dict[str, str]:
     """Spend one request (and ``tokens``) of the caller's budgets; the headers to send. Raises
     a 429 :class:`OpenAIError` (with the same headers and ``Retry-After``) when either budget
     is spent. A request refused for requests spends no tokens; one refused for tokens has
-    spent its request (the request budget is checked first). Both budgets are one round trip
+    spent its request (the request budget is checked first). What the caller owes from
+    earlier answers (``debts``) is charged first, admitted or not. All of it is one round trip
     to the limiter (:meth:`~peergpu.server.ratelimit.RateLimiter.hit_chain`)."""
     settings = context.settings
     who = _who(principal)
-    hits = [Hit(f"gateway:requests:{who}", settings.gateway_requests_per_minute)]
+    owed = debts.take(who) if debts is not None else 0
+    hits = [Hit(f"gateway:tokens:{who}", _UNBOUNDED, owed)] if owed else []
+    hits.append(Hit(f"gateway:requests:{who}", settings.gateway_requests_per_minute))
     if tokens > 0:
         hits.append(Hit(f"gateway:tokens:{who}", settings.gateway_tokens_per_minute, tokens))
-    results = await context.rate_limiter.hit_chain(hits, window_seconds=WINDOW_SECONDS)
+    try:
+        results = await context.rate_limiter.hit_chain(hits, window_seconds=WINDOW_SECONDS)
+    except BaseException:
+        if debts is not None:
+            debts.add(who, owed)  # not charged: the next admission or flush tries again
+        raise
     headers: dict[str, str] = {}
-    for kind, result in zip(_KINDS, results, strict=False):
+    for kind, result in zip(_KINDS, results[1:] if owed else results, strict=False):
         headers |= _headers(kind, result)
         if not result.allowed:
             raise _refused(kind, result, headers)
     return headers
 
 
-async def spend_tokens(context: ServerContext, principal: Principal, tokens: int) -> None:
-    """Charge tokens counted after the answer (a completion with no ``max_tokens`` had none
-    charged up front) to the caller's budget; later requests see them."""
-    if tokens <= 0:
-        return
-    await context.rate_limiter.hit(
-        f"gateway:tokens:{_who(principal)}",
-        limit=context.settings.gateway_tokens_per_minute,
-        window_seconds=WINDOW_SECONDS,
-        cost=tokens,
+def owe_tokens(debts: TokenDebts, principal: Principal, tokens: int) -> None:
+    """Tokens counted after the answer (a completion with no ``max_tokens`` had none charged
+    up front): charged with the caller's next admission on this replica, or the next flush."""
+    debts.add(_who(principal), tokens)
+
+
+async def flush_debts(context: ServerContext, debts: TokenDebts) -> None:
+    """Charge everything owed now, one limiter call per caller (their keys share a slot)."""
+    owed = debts.take_all()
+
+    async def charge(who: str, tokens: int) -> None:
+        hit = Hit(f"gateway:tokens:{who}", _UNBOUNDED, tokens)
+        await context.rate_limiter.hit_chain([hit], window_seconds=WINDOW_SECONDS)
+
+    results = await asyncio.gather(
+        *(charge(who, tokens) for who, tokens in owed.items()), return_exceptions=True
     )
+    failed = sum(isinstance(result, Exception) for result in results)
+    if failed:  # the limiter fails open by itself; this is anything else it raised
+        logger.warning("gateway: could not charge tokens to %d rate-limit budgets", failed)
+
+
+async def run_debt_flusher(
+    context: ServerContext, debts: TokenDebts, *, every: float = FLUSH_SECONDS
+) -> None:
+    """Flush ``debts`` every ``every`` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(every)
+        if len(debts):
+            await flush_debts(context, debts)
 
 
 def _who(principal: Principal) -> str:

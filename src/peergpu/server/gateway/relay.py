@@ -11,6 +11,7 @@ for usage billing with the engine's token counts, bounded by what the request al
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -74,10 +75,17 @@ class Relay:
         self.streams = streams
         self.router = Router(context)
         self.principals = PrincipalCache()
+        #: Completion tokens counted after answers, charged with each caller's next admission.
+        self.debts = limits.TokenDebts()
+        self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def serve(self, request: InferenceRequest) -> Response:
         await self.streams.start()
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(
+                limits.run_debt_flusher(self.context, self.debts), name="gateway-token-debts"
+            )
         exchange = _Exchange(self, request)
         try:
             first = await exchange.open()
@@ -95,6 +103,14 @@ class Relay:
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        try:
+            await limits.flush_debts(self.context, self.debts)  # what the last answers used
+        except Exception:  # noqa: BLE001 - shutting down: the limiter may be gone already
+            logger.warning("gateway: could not charge the last tokens to the rate limits")
 
 
 class _Exchange:
@@ -342,8 +358,8 @@ class _Exchange:
             outcome=outcome or ("ok" if end.ok else "error"),
         )
         self.context.usage.record(record)
-        if request.max_completion_tokens is None and completion > 0:
-            self.relay.spawn(_spend(self.context, request.principal, completion))
+        if request.max_completion_tokens is None:
+            limits.owe_tokens(self.relay.debts, request.principal, completion)
 
 
 class _RelayedStream(StreamingResponse):
@@ -360,13 +376,6 @@ class _RelayedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._exchange.abandon()
-
-
-async def _spend(context: ServerContext, principal: Principal, tokens: int) -> None:
-    try:
-        await limits.spend_tokens(context, principal, tokens)
-    except Exception:  # the limiter is down: the answer is already out; skip this charge
-        logger.warning("gateway: could not charge %d tokens to the rate limit", tokens)
 
 
 def _end(stream: OpenStream, status: int, code: str, message: str) -> InferEnd:

@@ -64,18 +64,27 @@ Caller = GatewayCaller
 
 @router.get("/models")
 async def list_models(
-    principal: Caller, session: SessionDep, context: ContextDep, response: Response
+    request: Request,
+    principal: Caller,
+    session: SessionDep,
+    context: ContextDep,
+    response: Response,
 ) -> ModelList:
     """Models some online host serves now."""
-    response.headers.update(await limits.admit(context, principal))
+    response.headers.update(await limits.admit(context, principal, debts=_debts(request)))
     return ModelList(data=[_model(m) for m in await catalog.served_models(session)])
 
 
 @router.get("/models/{model_id:path}")
 async def retrieve_model(
-    model_id: str, principal: Caller, session: SessionDep, context: ContextDep, response: Response
+    model_id: str,
+    request: Request,
+    principal: Caller,
+    session: SessionDep,
+    context: ContextDep,
+    response: Response,
 ) -> ModelObject:
-    headers = await limits.admit(context, principal)
+    headers = await limits.admit(context, principal, debts=_debts(request))
     response.headers.update(headers)
     found = (
         await catalog.served_models(session, name=model_id)
@@ -91,6 +100,11 @@ async def retrieve_model(
             headers=headers,
         )
     return _model(found[0])
+
+
+def _debts(request: Request) -> limits.TokenDebts:
+    gateway_relay: relay.Relay = request.app.state.relay
+    return gateway_relay.debts
 
 
 def _model(served: catalog.ServedModel) -> ModelObject:
@@ -191,8 +205,12 @@ async def _relay(
     stream: bool,
     completion_limit: int | None,
 ) -> Response:
+    gateway_relay: relay.Relay = request.app.state.relay
     headers = await limits.admit(
-        context, principal, tokens=relay.estimate_tokens(body_bytes) + (completion_limit or 0)
+        context,
+        principal,
+        tokens=relay.estimate_tokens(body_bytes) + (completion_limit or 0),
+        debts=gateway_relay.debts,
     )
     if not _MODEL_NAME.fullmatch(model):
         raise OpenAIError(
@@ -214,7 +232,6 @@ async def _relay(
             code="insufficient_quota",
             headers={**headers, "x-should-retry": "false"},
         ) from exc
-    gateway_relay: relay.Relay = request.app.state.relay
     return await gateway_relay.serve(
         relay.InferenceRequest(
             principal=principal,
