@@ -30,15 +30,13 @@ async def upload_outputs(*, link: Link, job_id: uuid.UUID, outputs_dir: Path) ->
     files, skipped = _collect(outputs_dir)
     if not files:
         if skipped:
-            await link.send(
-                ArtifactReport(job_id=job_id, files=[], skipped=skipped).model_dump_json()
-            )
+            await link.send_artifacts(ArtifactReport(job_id=job_id, files=[], skipped=skipped))
         return
     try:
         grant = await link.request_uploads(UploadRequest(job_id=job_id, files=files))
     except (ConnectionError, TimeoutError) as exc:
         skipped += [f"{f.path}: not uploaded ({exc})" for f in files]
-        await link.send(ArtifactReport(job_id=job_id, files=[], skipped=skipped).model_dump_json())
+        await link.send_artifacts(ArtifactReport(job_id=job_id, files=[], skipped=skipped))
         return
     skipped += [f"{path}: {reason}" for path, reason in grant.refused.items()]
     by_path = {f.path: f for f in files}
@@ -66,9 +64,7 @@ async def upload_outputs(*, link: Link, job_id: uuid.UUID, outputs_dir: Path) ->
                 skipped.append(f"{target.path}: upload refused (HTTP {response.status_code})")
                 continue
             uploaded.append(spec)
-    await link.send(
-        ArtifactReport(job_id=job_id, files=uploaded, skipped=skipped).model_dump_json()
-    )
+    await link.send_artifacts(ArtifactReport(job_id=job_id, files=uploaded, skipped=skipped))
 
 
 def _collect(outputs_dir: Path) -> tuple[list[FileSpec], list[str]]:

@@ -2,9 +2,13 @@
 
 Log batches and job statuses are kept until the server acknowledges them (``log_ack``,
 ``status_ack``) and are resent, in order, on every new connection; the server treats repeats as
-no-ops. The unacknowledged log bytes are bounded: when the link is slow or down, ``send_logs``
-waits, which stops the runner from reading the job's output, which blocks the job on its own
-full pipe. Memory stays bounded however long the network is away.
+no-ops. A job's artifact report has no acknowledgement of its own: it is kept until the job's
+final status (always sent after it, and resent after it) is acknowledged, since the server
+handles one socket's messages in order.
+
+The unacknowledged log bytes are bounded: when the link is slow or down, ``send_logs`` waits,
+which stops the runner from reading the job's output, which blocks the job on its own full pipe.
+Memory stays bounded however long the network is away.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from peergpu.protocol.messages import (
+    ArtifactReport,
     JobStatus,
     LogAck,
     LogBatch,
@@ -31,6 +36,7 @@ from peergpu.protocol.messages import (
 logger = logging.getLogger(__name__)
 
 UPLOAD_GRANT_TIMEOUT_SECONDS = 60.0
+_FINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Link:
         self._unacked_bytes = 0
         self._logs: dict[uuid.UUID, list[_Pending]] = {}
         self._statuses: dict[uuid.UUID, _Pending] = {}
+        self._artifacts: dict[uuid.UUID, _Pending] = {}
         self._grants: dict[uuid.UUID, asyncio.Future[UploadGrant]] = {}
 
     @property
@@ -99,6 +106,12 @@ class Link:
         async with self._lock:
             await self._flush_locked()
 
+    async def send_artifacts(self, report: ArtifactReport) -> None:
+        """Kept until the job's final status is acknowledged; send the final status after it."""
+        self._artifacts[report.job_id] = _Pending((report.job_id, 0), report.model_dump_json(), 0)
+        async with self._lock:
+            await self._flush_locked()
+
     async def on_log_ack(self, ack: LogAck) -> None:
         pending = self._logs.get(ack.job_id, [])
         freed = sum(p.size for p in pending if int(p.key[1]) <= ack.seq)
@@ -115,6 +128,8 @@ class Link:
         pending = self._statuses.get(ack.job_id)
         if pending is not None and pending.key[1] == ack.state:
             del self._statuses[ack.job_id]
+        if ack.state in _FINAL:  # handled after the artifact report that went before it
+            self._artifacts.pop(ack.job_id, None)
 
     def pending_statuses(self) -> int:
         return len(self._statuses)
@@ -123,7 +138,7 @@ class Link:
         """Wait until the job's logs and status are acknowledged (True) or the timeout ends."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while job_id in self._logs or job_id in self._statuses:
+        while job_id in self._logs or job_id in self._statuses or job_id in self._artifacts:
             if loop.time() > deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -153,7 +168,7 @@ class Link:
                 if not await self._send_locked(pending.payload):
                     return
                 pending.generation = self._generation
-        for pending in list(self._statuses.values()):
+        for pending in [*self._artifacts.values(), *self._statuses.values()]:
             if pending.generation != self._generation:
                 if not await self._send_locked(pending.payload):
                     return
