@@ -50,6 +50,34 @@ async def test_cheapest_then_most_reliable_host_that_fits(context: ServerContext
     del small
 
 
+async def test_between_equal_hosts_the_least_loaded_one_gets_the_job(
+    context: ServerContext,
+) -> None:
+    owner = await make_renter(context)
+    gpus = [("NVIDIA A100", 40960)] * 3
+    hosts = [await make_host(context, owner, price=1_000_000, gpus=gpus) for _ in range(2)]
+    # The loaded one is read first (by id): a scheduler blind to load would pick it.
+    loaded, idle = sorted(hosts)
+    # Two of the loaded host's three GPUs run jobs already; its third is as free as idle's.
+    first, second = [await make_job(context, owner) for _ in range(2)]
+    async with context.sessionmaker() as session:
+        rows = await session.scalars(
+            select(HostGpuModel).where(HostGpuModel.host_id == loaded).order_by("index")
+        )
+        for gpu, job_id in zip(list(rows)[:2], [first, second], strict=True):
+            gpu.job_id = job_id
+        await session.execute(
+            update(JobModel)
+            .where(JobModel.id.in_([first, second]))
+            .values(state="running", host_id=loaded)
+        )
+        await session.commit()
+    job = await make_job(context, owner)
+    result = await scheduler.schedule_once(context)
+    assert [a.job_id for a in result.assigned] == [job]
+    assert (await get_job(context, job)).host_id == idle
+
+
 async def test_price_tags_runner_gpu_count_and_exclusions(context: ServerContext) -> None:
     owner = await make_renter(context)
     two = await make_host(context, owner, price=2_000_000, gpus=[("L4", 24000), ("L4", 24000)])
