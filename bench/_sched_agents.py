@@ -78,6 +78,7 @@ class Agent:
             ping_timeout=20,
             close_timeout=5,
             max_size=16 * 1024 * 1024,
+            compression=None,  # as the real agent (peergpu.agent.connection) connects
         )
         self.counters.connected += 1
         hello = {
