@@ -1,4 +1,5 @@
-"""A minimal HTTP/1.1 keep-alive client for ``bench/gateway.py``'s load.
+"""A minimal HTTP/1.1 keep-alive client for the benchmarks' load (``bench/gateway.py``, and
+``bench/scheduler.py``'s submits).
 
 The benchmark's own client shares the machine's two cores with the server, the agent and the
 engine, so it must cost as little per request as possible: one asyncio stream per connection,
@@ -27,16 +28,17 @@ class Target:
     body: bytes
     authorization: str = ""
 
-    def request_bytes(self) -> bytes:
+    def request_bytes(self, body: bytes | None = None) -> bytes:
+        body = self.body if body is None else body
         lines = [
             f"POST {self.path} HTTP/1.1",
             f"Host: 127.0.0.1:{self.port}",
             "Content-Type: application/json",
-            f"Content-Length: {len(self.body)}",
+            f"Content-Length: {len(body)}",
         ]
         if self.authorization:
             lines.append(f"Authorization: Bearer {self.authorization}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 @dataclass
@@ -75,6 +77,15 @@ class Connection:
             raise HttpError(f"HTTP {status}: {body[:500]!r}")
         return body
 
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        """Send the target's request with another body; (status, body) of any answer."""
+        reader = await self._send(self.target.request_bytes(body))
+        status, length, chunked, keep = await _head(reader)
+        answer = await _body(reader, length, chunked)
+        if not keep:
+            await self.close()
+        return status, answer
+
     async def stream(self) -> StreamResult:
         """Send the request and read its event stream to the end, counting ``data:`` events
         as they arrive (not parsed: the count and the timing are what is measured)."""
@@ -107,13 +118,13 @@ class Connection:
             await self.close()
         return result
 
-    async def _send(self) -> asyncio.StreamReader:
+    async def _send(self, request: bytes | None = None) -> asyncio.StreamReader:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(
                 "127.0.0.1", self.target.port
             )
         assert self._reader is not None
-        self._writer.write(self._request)
+        self._writer.write(self._request if request is None else request)
         return self._reader
 
 

@@ -334,9 +334,7 @@ async def test_a_job_cancelled_between_the_read_and_the_write_is_not_assigned(
     kept, cancelled = await make_job(context, owner), await make_job(context, owner)
     async with context.sessionmaker() as session:
         hosts = await scheduler._free_capacity(session)
-        jobs = list(
-            await session.scalars(select(JobModel).where(JobModel.id.in_([kept, cancelled])))
-        )
+        jobs = await job_queue.read_jobs(session, [kept, cancelled])
         await session.commit()  # no lock held, as on SQLite
         async with context.sessionmaker() as other:
             await other.execute(

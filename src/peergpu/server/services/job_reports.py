@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import ServiceUnavailable
@@ -32,6 +32,7 @@ from peergpu.protocol.messages import (
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, job_channel
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
+from peergpu.server.db.bulk import insert_rows
 from peergpu.server.db.host_models import HostGpuModel
 from peergpu.server.db.job_models import (
     ACTIVE_STATES,
@@ -119,7 +120,7 @@ async def apply_reports(session: AsyncSession, reports: Sequence[Report]) -> App
         # One clock for the batch; a microsecond apart keeps one job's events in order.
         for offset, event in enumerate(events):
             event["at"] = now + timedelta(microseconds=offset)
-        await session.execute(insert(JobEventModel), events)
+        await insert_rows(session, JobEventModel, events)
     return applied
 
 

@@ -47,7 +47,6 @@ from sqlalchemy import (
     case,
     cast,
     func,
-    insert,
     literal,
     select,
     update,
@@ -61,12 +60,14 @@ from peergpu.server.agents import dispatch
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, job_channel
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
+from peergpu.server.db.bulk import insert_rows
 from peergpu.server.db.host_models import HostGpuModel, HostModel, taking_jobs
 from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
 from peergpu.server.services import job_maintenance, job_states
 from peergpu.server.services.billing import accounts as billing_accounts
 from peergpu.server.services.billing import holds
 from peergpu.server.services.bundles import bundle_key
+from peergpu.server.services.job_queue import QueuedJob
 from peergpu.server.services.job_queue import take_batch as _take_batch
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class PassResult:
 
 @dataclass
 class _Match:
-    job: JobModel
+    job: QueuedJob
     host: _Host
     gpus: list[Gpu]
     hold: holds.HoldRequest | None = None
@@ -275,7 +276,7 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
     return hosts
 
 
-def _match(job: JobModel, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None:
+def _match(job: QueuedJob, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None:
     runner = "docker" if job.image else "process"
     wanted_models = [m.lower() for m in job.gpu_models or ()]
     required_tags = frozenset(job.tags or ())
@@ -300,7 +301,7 @@ def _match(job: JobModel, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None
 
 
 def _match_all(
-    jobs: list[JobModel], hosts: dict[uuid.UUID, _Host], budget: holds.Budget
+    jobs: list[QueuedJob], hosts: dict[uuid.UUID, _Host], budget: holds.Budget
 ) -> tuple[list[_Match], dict[uuid.UUID, str]]:
     """Match the batch in queue order. A job takes its GPUs only if its wallet can pay the
     hold on the chosen host; otherwise it stays queued with the reason, and its GPUs stay free
@@ -335,7 +336,7 @@ def _match_all(
     return matches, waiting
 
 
-def _wallet(job: JobModel) -> str:
+def _wallet(job: QueuedJob) -> str:
     return billing_accounts.wallet_of(owner_id=job.owner_id, org_id=job.org_id)
 
 
@@ -441,8 +442,9 @@ async def _assign(
             matches = [matches[i] for i in keep]
     if not rows:
         return []
-    await session.execute(
-        insert(JobEventModel),
+    await insert_rows(
+        session,
+        JobEventModel,
         [
             {
                 "job_id": row["b_id"],

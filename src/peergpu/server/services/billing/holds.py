@@ -24,11 +24,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, update
+from sqlalchemy import bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.billing_models import BillingProfileModel, JobChargeModel
+from peergpu.server.db.bulk import insert_rows
 from peergpu.server.db.job_models import JobModel
 from peergpu.server.services.billing import accounts, ledger, postings
 
@@ -132,8 +133,9 @@ async def place(
             if hold.amount
         ],
     )
-    await session.execute(
-        insert(JobChargeModel),
+    await insert_rows(
+        session,
+        JobChargeModel,
         [
             {
                 "job_id": r.job_id,

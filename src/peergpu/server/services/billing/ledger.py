@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,6 +37,7 @@ from peergpu.server.db.billing_models import (
     LedgerEntryModel,
     LedgerTransactionModel,
 )
+from peergpu.server.db.bulk import insert_rows, table_of
 from peergpu.server.services.billing.accounts import describe
 
 #: Accounts per balance UPDATE (two bind parameters each).
@@ -129,7 +130,7 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
             if amount != 0
         ]
         if entries:
-            await session.execute(insert(LedgerEntryModel), entries)
+            await insert_rows(session, LedgerEntryModel, entries)
         # Only now lock the accounts, in code order: one global order means two batches
         # touching the same accounts (platform:fees, a busy wallet) wait for each other
         # instead of deadlocking, and locking last keeps the hot accounts locked briefly.
@@ -246,7 +247,7 @@ async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, 
 def insert_ignoring_duplicates(session: AsyncSession, model: Any, column: str) -> Any:
     """``INSERT ... ON CONFLICT (column) DO NOTHING`` for the session's database."""
     dialect = postgresql if _dialect(session) == "postgresql" else sqlite
-    return dialect.insert(model).on_conflict_do_nothing(index_elements=[column])
+    return dialect.insert(table_of(model)).on_conflict_do_nothing(index_elements=[column])
 
 
 def _dialect(session: AsyncSession) -> str:
