@@ -4,6 +4,7 @@ atomic GPU claims, ack deadlines, lost hosts, expiry."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from datetime import timedelta
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel, HostModel
@@ -373,3 +375,36 @@ async def test_the_queue_read_takes_more_renter_queues_than_one_compound_select_
     async with context.sessionmaker() as session:
         ids = list(await session.scalars(job_queue.order_statement(heads, 5000)))
     assert ids == [job_id]
+
+
+async def test_a_steady_stream_of_wake_ups_does_not_hold_passes_back(
+    context: ServerContext,
+) -> None:
+    """Wake-ups that arrive while the loop coalesces them must not keep it from passing: a
+    replica taking ~200 submits/s (each one a wake-up) once ran no pass for 20 s."""
+    owner = await make_renter(context)
+    await make_host(context, owner, price=1, gpus=[("T4", 16000)])
+    loop = asyncio.create_task(scheduler.run_scheduler(context))
+    flooding = True
+
+    async def flood() -> None:
+        while flooding:  # faster than a reader drains them, one at a time
+            await context.bus.publish_many([(SCHEDULER_WAKE_CHANNEL, b"1")] * 50)
+            await asyncio.sleep(0)
+
+    await asyncio.sleep(0.3)  # the first pass found nothing: the loop waits for a wake-up
+    flooder = asyncio.create_task(flood())
+    try:
+        await asyncio.sleep(0.3)
+        job = await make_job(context, owner)  # (the flood wakes the loop for it)
+        for _ in range(100):
+            if (await get_job(context, job)).state == "assigned":
+                break
+            await asyncio.sleep(0.1)
+        assert (await get_job(context, job)).state == "assigned"
+    finally:
+        flooding = False
+        await flooder
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

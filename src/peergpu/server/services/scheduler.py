@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 #: How long a bundle download URL in a manifest stays valid.
 BUNDLE_URL_SECONDS = 3600
+#: Wake-ups read (and dropped) after one, before the next pass: they all ask for the same pass.
+MAX_COALESCED_WAKEUPS = 100
 #: GPUs per claim statement: keeps each statement's bind parameters well under PostgreSQL's
 #: limit of 32,767 (three per GPU).
 CLAIM_CHUNK = 2000
@@ -218,8 +220,12 @@ async def run_scheduler(context: ServerContext) -> None:
                     if result.assigned and result.considered >= settings.scheduler_batch_size:
                         continue  # a full batch: there is probably more to do right away
                     await wakeups.get(timeout=settings.scheduler_sweep_seconds)
-                    while await wakeups.get(timeout=0) is not None:
-                        pass  # coalesce a burst of wake-ups into one pass
+                    # Coalesce a burst of wake-ups into one pass, but only what has already
+                    # arrived, and a bounded number: under a steady stream of submits an
+                    # unbounded drain never ended, and no pass ran while it lasted.
+                    for _ in range(MAX_COALESCED_WAKEUPS):
+                        if await wakeups.get(timeout=0) is None:
+                            break
         except asyncio.CancelledError:
             raise
         except ServiceUnavailable as exc:
