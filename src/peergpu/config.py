@@ -76,7 +76,9 @@ class ServerSettings(BaseSettings):
     # Jobs and scheduling.
     scheduler_enabled: bool = True
     scheduler_sweep_seconds: float = Field(default=5.0, gt=0)
-    scheduler_batch_size: int = Field(default=200, ge=1, le=5000)
+    scheduler_batch_size: int = Field(
+        default=400, ge=1, le=5000, description="queued jobs one scheduler pass considers at most"
+    )
     manifest_ack_timeout_seconds: float = Field(default=30.0, gt=0)
     host_lost_grace_seconds: float = Field(
         default=120.0, ge=0, description="how long a job may miss from its host before it is lost"

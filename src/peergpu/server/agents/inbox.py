@@ -8,7 +8,11 @@ worker applies whatever has queued up in one transaction (``job_reports.apply_re
 notification and trail entry in one bus round trip each, then answers each waiting socket.
 
 There is no timer: while one batch is in the database the next one fills, so a lone message
-goes straight through and a busy replica batches more. Each socket awaits its own message
+goes straight through and a busy replica batches more. On PostgreSQL two workers take turns, so
+a batch that has filled need not wait for the one in the database to commit (each job is
+three messages in a row, so that wait was most of a GPU's time between jobs); SQLite has one
+writer, so one worker. Two batches never hold messages from one socket, so they touch
+different hosts' and jobs' rows. Each socket awaits its own message
 before reading the next, so one host's messages keep their order. A batch that fails is
 retried message by message (one bad report must not fail the others' transactions) unless
 the database or bus is unavailable, which fails every waiting message at once.
@@ -36,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Messages applied in one transaction at most.
 MAX_BATCH = 1000
+#: Batches in the database at once on PostgreSQL (SQLite has one writer: one batch).
+WORKERS = 2
 
 
 @dataclass(slots=True)
@@ -45,12 +51,15 @@ class _Pending:
 
 
 class AgentInbox:
-    def __init__(self, context: ServerContext, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, context: ServerContext, *, max_batch: int = MAX_BATCH, workers: int | None = None
+    ) -> None:
         self.context = context
         self.max_batch = max_batch
+        self.workers = workers or (1 if context.settings.is_sqlite else WORKERS)
         self._queue: list[_Pending] = []
         self._ready = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
     async def report(self, host_id: uuid.UUID, message: ManifestAck | JobStatus) -> None:
@@ -65,11 +74,12 @@ class AgentInbox:
 
     async def close(self) -> None:
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await task
+        self._tasks = []
         for pending in self._queue:
             if not pending.done.done():
                 pending.done.set_exception(ServiceUnavailable("the server is shutting down"))
@@ -81,8 +91,10 @@ class AgentInbox:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(item, done))
         self._ready.set()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run(), name="agent-inbox")
+        if len(self._tasks) < self.workers or any(t.done() for t in self._tasks):
+            self._tasks = [t for t in self._tasks if not t.done()]
+            while len(self._tasks) < self.workers:
+                self._tasks.append(asyncio.create_task(self._run(), name="agent-inbox"))
         # A socket that goes away while waiting cancels only its wait: the message is applied.
         return await done
 

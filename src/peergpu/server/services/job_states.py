@@ -136,12 +136,11 @@ async def notify(
 ) -> None:
     """After a commit: tell followers of the job, and (optionally) every scheduler loop.
     Best effort: the bus being down must not fail a change that is already committed."""
+    messages = [(job_channel(job_id), json.dumps({"kind": "state", "state": state.value}).encode())]
+    if wake_scheduler:
+        messages.append((SCHEDULER_WAKE_CHANNEL, b"1"))
     try:
-        await context.bus.publish(
-            job_channel(job_id), json.dumps({"kind": "state", "state": state.value}).encode()
-        )
-        if wake_scheduler:
-            await wake_schedulers(context)
+        await context.bus.publish_many(messages)  # one round trip
     except ServiceUnavailable as exc:
         logger.warning("bus unavailable; job %s change not broadcast: %s", job_id, exc)
 

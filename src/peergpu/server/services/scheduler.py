@@ -32,6 +32,7 @@ host joining: ``scheduler:wake`` on the bus) and otherwise every ``scheduler_swe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -161,6 +162,13 @@ class _Match:
 
 async def schedule_once(context: ServerContext) -> PassResult:
     """One scheduling pass; dispatches what it assigned. See the module docstring."""
+    result = await _pass(context)
+    await _dispatch(context, result.assigned)
+    return result
+
+
+async def _pass(context: ServerContext) -> PassResult:
+    """One pass up to its commit; the caller dispatches what it assigned."""
     async with context.sessionmaker() as session:
         hosts = await _free_capacity(session)
         if not hosts:
@@ -189,51 +197,73 @@ async def schedule_once(context: ServerContext) -> PassResult:
             now=now,
         )
         await session.commit()
-    await _dispatch(context, assigned)
     return PassResult(assigned=assigned, considered=len(jobs))
 
 
 async def run_scheduler(context: ServerContext) -> None:
     """The scheduler loop of one replica; runs until cancelled. On SQLite only one process
-    should run it (the embedded server is one process)."""
+    should run it (the embedded server is one process).
+
+    A pass's manifests are signed and published while the next pass reads and matches: at
+    most one dispatch is in flight, and a pass's dispatch starts only once the one before it
+    is done, so manifests leave in pass order."""
     settings = context.settings
     next_maintenance = next_reliability = 0.0
-    while True:
+    dispatching: asyncio.Task[None] | None = None
+
+    async def dispatch_after(previous: asyncio.Task[None] | None, result: PassResult) -> None:
+        if previous is not None:
+            await asyncio.shield(previous)
         try:
-            async with context.bus.subscribe(SCHEDULER_WAKE_CHANNEL) as wakeups:
-                while True:
-                    now = time.monotonic()
-                    if now >= next_maintenance:
-                        refresh = now >= next_reliability
-                        await job_maintenance.run_once(context, refresh_reliability=refresh)
-                        next_maintenance = now + settings.scheduler_sweep_seconds
-                        if refresh:
-                            next_reliability = now + job_maintenance.RELIABILITY_REFRESH_SECONDS
-                    try:
-                        result = await schedule_once(context)
-                    except PaymentRequired as exc:
-                        # Another replica spent a wallet's credit during this pass; the pass
-                        # was rolled back whole. Go again with fresh balances.
-                        logger.info("scheduler pass rolled back: %s", exc.message)
-                        await asyncio.sleep(0.05)  # never a tight loop, whatever the cause
-                        continue
-                    if result.assigned and result.considered >= settings.scheduler_batch_size:
-                        continue  # a full batch: there is probably more to do right away
-                    await wakeups.get(timeout=settings.scheduler_sweep_seconds)
-                    # Coalesce a burst of wake-ups into one pass, but only what has already
-                    # arrived, and a bounded number: under a steady stream of submits an
-                    # unbounded drain never ended, and no pass ran while it lasted.
-                    for _ in range(MAX_COALESCED_WAKEUPS):
-                        if await wakeups.get(timeout=0) is None:
-                            break
-        except asyncio.CancelledError:
-            raise
-        except ServiceUnavailable as exc:
-            logger.warning("scheduler: a store is unavailable (%s); retrying", exc)
-            await asyncio.sleep(min(settings.scheduler_sweep_seconds, 2.0))
-        except Exception:
-            logger.exception("scheduler pass failed; retrying")
-            await asyncio.sleep(min(settings.scheduler_sweep_seconds, 2.0))
+            await _dispatch(context, result.assigned)
+        except Exception:  # the ack deadline puts the jobs back in the queue
+            logger.exception("dispatching %d manifests failed", len(result.assigned))
+
+    try:
+        while True:
+            try:
+                async with context.bus.subscribe(SCHEDULER_WAKE_CHANNEL) as wakeups:
+                    while True:
+                        now = time.monotonic()
+                        if now >= next_maintenance:
+                            refresh = now >= next_reliability
+                            await job_maintenance.run_once(context, refresh_reliability=refresh)
+                            next_maintenance = now + settings.scheduler_sweep_seconds
+                            if refresh:
+                                next_reliability = now + job_maintenance.RELIABILITY_REFRESH_SECONDS
+                        try:
+                            result = await _pass(context)
+                        except PaymentRequired as exc:
+                            # Another replica spent a wallet's credit during this pass; the
+                            # pass was rolled back whole. Go again with fresh balances.
+                            logger.info("scheduler pass rolled back: %s", exc.message)
+                            await asyncio.sleep(0.05)  # never a tight loop, whatever the cause
+                            continue
+                        if result.assigned:
+                            dispatching = asyncio.create_task(
+                                dispatch_after(dispatching, result), name="scheduler-dispatch"
+                            )
+                        if result.assigned and result.considered >= settings.scheduler_batch_size:
+                            continue  # a full batch: there is probably more to do right away
+                        await wakeups.get(timeout=settings.scheduler_sweep_seconds)
+                        # Coalesce a burst of wake-ups into one pass, but only what has
+                        # already arrived, and a bounded number: under a steady stream of
+                        # submits an unbounded drain never ended, and no pass ran meanwhile.
+                        for _ in range(MAX_COALESCED_WAKEUPS):
+                            if await wakeups.get(timeout=0) is None:
+                                break
+            except asyncio.CancelledError:
+                raise
+            except ServiceUnavailable as exc:
+                logger.warning("scheduler: a store is unavailable (%s); retrying", exc)
+                await asyncio.sleep(min(settings.scheduler_sweep_seconds, 2.0))
+            except Exception:
+                logger.exception("scheduler pass failed; retrying")
+                await asyncio.sleep(min(settings.scheduler_sweep_seconds, 2.0))
+    finally:
+        if dispatching is not None:  # what was committed is sent before the loop ends
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(dispatching), timeout=5)
 
 
 async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
