@@ -112,16 +112,25 @@ async def authenticate_key(*, session: AsyncSession, plaintext: str) -> Principa
     prefix = key_format.parse_prefix(plaintext)
     if prefix is None:
         raise invalid
-    key = await session.scalar(select(ApiKeyModel).where(ApiKeyModel.prefix == prefix))
-    if key is None or not key_format.matches(plaintext, key.secret_hash):
+    # The key and its user in one round trip (every API request comes through here).
+    found = (
+        await session.execute(
+            select(ApiKeyModel, UserModel)
+            .join(UserModel, UserModel.id == ApiKeyModel.user_id)
+            .where(ApiKeyModel.prefix == prefix)
+        )
+    ).first()
+    if found is None:
+        raise invalid
+    key, user = found
+    if not key_format.matches(plaintext, key.secret_hash):
         raise invalid
     now = utcnow()
     if key.revoked_at is not None:
         raise AuthenticationFailed("The API key has been revoked.", code="api_key_revoked")
     if key.expires_at is not None and key.expires_at <= now:
         raise AuthenticationFailed("The API key has expired.", code="api_key_expired")
-    user = await session.get(UserModel, key.user_id)
-    if user is None or not user.is_active:
+    if not user.is_active:
         raise invalid
     if key.organization_id is not None and (
         await find_role(session=session, organization_id=key.organization_id, user_id=user.id)
