@@ -335,7 +335,7 @@ async def test_a_job_cancelled_between_the_read_and_the_write_is_not_assigned(
     host = await make_host(context, owner, price=1, gpus=[("T4", 16000)] * 2)
     kept, cancelled = await make_job(context, owner), await make_job(context, owner)
     async with context.sessionmaker() as session:
-        hosts = await scheduler._free_capacity(session)
+        hosts, _ = await scheduler._free_capacity(session)
         jobs = await job_queue.read_jobs(session, [kept, cancelled])
         await session.commit()  # no lock held, as on SQLite
         async with context.sessionmaker() as other:
@@ -408,3 +408,28 @@ async def test_a_steady_stream_of_wake_ups_does_not_hold_passes_back(
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
+
+
+async def test_a_job_beyond_the_cheapest_free_gpus_read_first_still_finds_its_host(
+    context: ServerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass reads only the cheapest free GPUs first (a few per GPU its batch wants); a job
+    that fits none of them gets everything read, and its host."""
+    monkeypatch.setattr(scheduler, "FREE_READ_MIN", 1)
+    monkeypatch.setattr(scheduler, "FREE_READ_FACTOR", 1)
+    owner = await make_renter(context)
+    cheap = [await make_host(context, owner, price=100 + i, gpus=[("T4", 16000)]) for i in range(3)]
+    big = await make_host(context, owner, price=5_000, gpus=[("NVIDIA A100", 81920)])
+    small, large = (
+        await make_job(context, owner),
+        await make_job(context, owner, min_vram_mib=40000),
+    )
+    result = await scheduler.schedule_once(context)
+    assert {a.job_id for a in result.assigned} == {small, large}
+    assert (await get_job(context, small)).host_id == cheap[0]
+    assert (await get_job(context, large)).host_id == big
+    async with context.sessionmaker() as session:
+        first, cut = await scheduler._free_capacity(session, limit=1)
+        everything, whole = await scheduler._free_capacity(session)
+    assert (list(first), cut) == ([cheap[1]], True)  # the cheapest free one left
+    assert (set(everything), whole) == ({cheap[1], cheap[2]}, False)

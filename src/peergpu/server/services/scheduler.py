@@ -3,13 +3,14 @@
 One pass (``schedule_once``) in one transaction, a fixed number of statements however many
 jobs it assigns:
 
-1. Read a snapshot of free GPUs on online, unpaused, priced hosts.
+1. Stop at once if no online, unpaused, priced host has a free GPU.
 2. Take a batch of queued jobs in queue order: priority first, then fair share (each renter's
    oldest job before anyone's second), then age. The read is bounded: only the renters whose
    oldest job could make the batch, and only their first ``batch`` jobs each, are ranked (the
    index ``ix_jobs_fair_queue`` serves both), never the whole queue. On PostgreSQL the chosen
    rows are then locked with ``FOR UPDATE SKIP LOCKED``, so schedulers on other replicas take
-   other jobs.
+   other jobs. Then read the free GPUs in ranking order, only the cheapest few times what the
+   batch asks for; everything only if a job finds no host among those.
 3. Match in memory: for each job the cheapest eligible host, then the most reliable, then the
    least loaded, among hosts with enough free GPUs of the right model and VRAM.
    While matching, each job's wallet must cover its hold on the chosen host (price x GPUs x
@@ -75,6 +76,10 @@ logger = logging.getLogger(__name__)
 
 #: How long a bundle download URL in a manifest stays valid.
 BUNDLE_URL_SECONDS = 3600
+#: A pass reads the cheapest free GPUs, this many times what its batch asks for (at least
+#: ``FREE_READ_MIN``), and everything only when a job found no host among them.
+FREE_READ_FACTOR = 4
+FREE_READ_MIN = 64
 #: Wake-ups read (and dropped) after one, before the next pass: they all ask for the same pass.
 MAX_COALESCED_WAKEUPS = 100
 #: GPUs per claim statement: keeps each statement's bind parameters well under PostgreSQL's
@@ -170,8 +175,7 @@ async def schedule_once(context: ServerContext) -> PassResult:
 async def _pass(context: ServerContext) -> PassResult:
     """One pass up to its commit; the caller dispatches what it assigned."""
     async with context.sessionmaker() as session:
-        hosts = await _free_capacity(session)
-        if not hosts:
+        if not await _any_free_gpu(session):
             return PassResult(assigned=[], considered=0)
         jobs = await _take_batch(
             session, context.settings.scheduler_batch_size, _unfunded.current()
@@ -180,7 +184,16 @@ async def _pass(context: ServerContext) -> PassResult:
             await session.rollback()
             return PassResult(assigned=[], considered=0)
         budget = await holds.open_budget(session, {_wallet(job) for job in jobs})
-        matches, waiting = _match_all(jobs, hosts, budget)
+        # The cheapest free GPUs first, a few times what the batch asks for: on an idle fleet
+        # a pass of a few jobs need not read every free GPU. Only when a job found no host
+        # among them is everything read, and the batch matched again from the start.
+        wanted = sum(job.gpu_count for job in jobs)
+        limit = max(FREE_READ_MIN, FREE_READ_FACTOR * wanted)
+        hosts, cut = await _free_capacity(session, limit=limit)
+        matches, waiting = _match_all(jobs, hosts, budget.copy())
+        if cut and len(matches) + len(waiting) < len(jobs):
+            hosts, _ = await _free_capacity(session)
+            matches, waiting = _match_all(jobs, hosts, budget)
         await holds.note_waiting(session, waiting)
         _unfunded.note(job.owner_id for job in jobs if job.id in waiting)
         if not matches:
@@ -266,8 +279,23 @@ async def run_scheduler(context: ServerContext) -> None:
                 await asyncio.wait_for(asyncio.shield(dispatching), timeout=5)
 
 
-async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
-    """The free GPUs of hosts taking jobs, with each host's count of busy GPUs. Only free GPU
+async def _any_free_gpu(session: AsyncSession) -> bool:
+    """Whether a host taking jobs has a free GPU (a pass on a full fleet stops here)."""
+    found = await session.scalar(
+        select(HostGpuModel.id)
+        .join(HostModel, HostModel.id == HostGpuModel.host_id)
+        .where(*taking_jobs(), HostGpuModel.job_id.is_(None))
+        .limit(1)
+    )
+    return found is not None
+
+
+async def _free_capacity(
+    session: AsyncSession, *, limit: int | None = None
+) -> tuple[dict[uuid.UUID, _Host], bool]:
+    """The free GPUs of hosts taking jobs, with each host's count of busy GPUs, in ranking
+    order (cheapest, then most reliable, then least loaded); with ``limit``, only the first
+    ``limit``. Returns them by host, and whether the limit cut the list short. Only free GPU
     rows are read: on a busy fleet most GPUs are taken, and reading them all (to count them)
     was most of this query's time."""
     taken = aliased(HostGpuModel)
@@ -276,7 +304,7 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
         .where(taken.host_id == HostGpuModel.host_id, taken.job_id.is_not(None))
         .scalar_subquery()
     )
-    rows = await session.execute(
+    query = (
         select(
             HostGpuModel.id,
             HostGpuModel.host_id,
@@ -292,8 +320,20 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
         )
         .join(HostModel, HostModel.id == HostGpuModel.host_id)
         .where(*taking_jobs(), HostGpuModel.job_id.is_(None))
-        .order_by(HostGpuModel.host_id, HostGpuModel.index)
+        .order_by(
+            HostModel.price_per_gpu_hour_micros,
+            func.coalesce(HostModel.reliability, 0.0).desc(),
+            busy,
+            HostGpuModel.host_id,
+            HostGpuModel.index,
+        )
     )
+    if limit is not None:
+        query = query.limit(limit + 1)
+    rows = list(await session.execute(query))
+    cut = limit is not None and len(rows) > limit
+    if cut:
+        rows = rows[:limit]
     hosts: dict[uuid.UUID, _Host] = {}
     for row in rows:
         gpu_id, host_id, index, model, memory = row[:5]
@@ -309,7 +349,7 @@ async def _free_capacity(session: AsyncSession) -> dict[uuid.UUID, _Host]:
                 busy=int(row.busy or 0),
             )
         host.free.append((gpu_id, index, model.lower(), memory))
-    return hosts
+    return hosts, cut
 
 
 def _match(job: QueuedJob, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None:

@@ -78,6 +78,10 @@ class Budget:
         self._left = dict(available)
         self._room = dict(room)
 
+    def copy(self) -> Budget:
+        """The same budget, to spend on a trial match."""
+        return Budget(self._left, self._room)
+
     def take(self, request: HoldRequest) -> HoldPlan | str:
         """The attempt's plan, its hold now spent from the wallet; or why it must wait."""
         hold = plan(request)
