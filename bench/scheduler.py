@@ -38,11 +38,12 @@ sustained rate. Three clocks, all ``time.time()`` on this one machine:
     .venv/bin/python bench/scheduler.py --hosts 300 --agents 50 --jobs 5000 --duration 10
 
 ``--sample`` samples the server's event-loop thread on ``SIGPROF`` (per 2 ms of CPU time) and
-prints where its time went, attributing SQLAlchemy's greenlet frames to the coroutine that
-called them; it slows the server somewhat. ``--profile FILE`` runs cProfile instead (slower,
-and misleading for asyncio: coroutine cumulative times include their waits). ``--experiment``
-runs the server with one of the patches in ``EXPERIMENTS``, each a proposed change, labelled
-in the output. ``PEERGPU_BENCH_LOG_DIR=DIR`` keeps the server's and the agents' logs.
+prints where its time went in each phase's window, attributing SQLAlchemy's greenlet frames
+to the coroutine that called them; it slows the server somewhat. ``--profile FILE`` runs
+cProfile instead (slower, and misleading for asyncio: coroutine cumulative times include
+their waits). ``--experiment`` runs the server with one of the patches in ``EXPERIMENTS``,
+each a proposed change, labelled in the output. ``PEERGPU_BENCH_LOG_DIR=DIR`` keeps the
+server's and the agents' logs.
 
 PostgreSQL comes from ``PEERGPU_BENCH_POSTGRES_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``; a scratch database is created and dropped)
