@@ -44,6 +44,38 @@ async def test_subscriber_gets_every_message_in_publish_order(bus: Bus) -> None:
     assert [m.data for m in messages] == [str(n).encode() for n in range(200)]
 
 
+async def test_drain_drops_what_has_arrived_up_to_its_limit(bus: Bus) -> None:
+    async with bus.subscribe("wake") as subscription:
+        await bus.publish_many([("wake", b"1")] * 150)
+        await receive(subscription, 1)  # everything has arrived once the first has
+        await asyncio.sleep(QUIET_PERIOD)
+        assert await subscription.drain(100) == 100
+        assert await subscription.drain(100) == 49
+        assert await subscription.drain() == 0
+        await bus.publish("wake", b"after")
+        assert (await receive(subscription, 1))[0].data == b"after"
+
+
+async def test_drain_ends_under_a_steady_stream(bus: Bus) -> None:
+    """A publisher faster than one reader: "until none is left" would never end."""
+    flooding = True
+
+    async def flood() -> None:
+        while flooding:
+            await bus.publish_many([("wake", b"1")] * 50)
+            await asyncio.sleep(0)
+
+    async with bus.subscribe("wake") as subscription:
+        publisher = asyncio.create_task(flood())
+        try:
+            await receive(subscription, 1)
+            for _ in range(20):
+                assert await asyncio.wait_for(subscription.drain(100), ARRIVES_WITHIN) <= 100
+        finally:
+            flooding = False
+            await publisher
+
+
 async def test_two_subscribers_each_get_every_message(bus: Bus) -> None:
     async with bus.subscribe("news") as first, bus.subscribe("news") as second:
         for number in range(50):

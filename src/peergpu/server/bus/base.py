@@ -71,6 +71,17 @@ class Subscription(ABC):
         by another task), which also returns ``None``.
         """
 
+    async def drain(self, limit: int = 100) -> int:
+        """Take and drop messages that have already arrived, at most ``limit``; how many.
+
+        For wake-up channels, where a burst asks for one round of work. The bound matters:
+        under a steady stream (a busy replica's submits), "until none is left" may never end.
+        """
+        for taken in range(limit):
+            if await self.get(timeout=0) is None:
+                return taken
+        return limit
+
     @abstractmethod
     async def close(self) -> None:
         """Stop receiving. Idempotent; messages not yet taken with ``get`` are dropped."""

@@ -259,12 +259,8 @@ async def run_scheduler(context: ServerContext) -> None:
                         if result.assigned and result.considered >= settings.scheduler_batch_size:
                             continue  # a full batch: there is probably more to do right away
                         await wakeups.get(timeout=settings.scheduler_sweep_seconds)
-                        # Coalesce a burst of wake-ups into one pass, but only what has
-                        # already arrived, and a bounded number: under a steady stream of
-                        # submits an unbounded drain never ended, and no pass ran meanwhile.
-                        for _ in range(MAX_COALESCED_WAKEUPS):
-                            if await wakeups.get(timeout=0) is None:
-                                break
+                        # A burst of wake-ups asks for one pass (bounded: see ``drain``).
+                        await wakeups.drain(MAX_COALESCED_WAKEUPS)
             except asyncio.CancelledError:
                 raise
             except ServiceUnavailable as exc:

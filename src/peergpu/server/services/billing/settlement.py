@@ -299,8 +299,7 @@ async def run_settlement(context: ServerContext) -> None:
                     # interval, and a server that stops right away is not caught mid-query.
                     await wakeups.get(timeout=settings.billing_settle_seconds)
                     await asyncio.sleep(0.05)  # let a burst of endings land together
-                    while await wakeups.get(timeout=0) is not None:
-                        pass
+                    await wakeups.drain()  # bounded: a stream of submits never ends
                     await _settle_all(context)
         except asyncio.CancelledError:
             raise
