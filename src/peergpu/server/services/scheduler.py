@@ -299,6 +299,7 @@ async def _free_capacity(
         select(func.count())
         .where(taken.host_id == HostGpuModel.host_id, taken.job_id.is_not(None))
         .scalar_subquery()
+        .label("busy")
     )
     query = (
         select(
@@ -307,7 +308,7 @@ async def _free_capacity(
             HostGpuModel.index,
             HostGpuModel.model,
             HostGpuModel.memory_total_mib,
-            busy.label("busy"),
+            busy,
             HostModel.price_per_gpu_hour_micros,
             HostModel.reliability,
             HostModel.tags,
