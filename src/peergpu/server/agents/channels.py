@@ -47,6 +47,8 @@ def job_events_stream(job_id: uuid.UUID) -> str:
 #: Pub/sub channel that wakes every replica's scheduler loop (a job was queued, GPUs freed,
 #: a host joined). The message body is irrelevant.
 SCHEDULER_WAKE_CHANNEL = "scheduler:wake"
+#: The wake-up as a ``(channel, data)`` pair, for ``Bus.publish_many``.
+SCHEDULER_WAKE = (SCHEDULER_WAKE_CHANNEL, b"1")
 
 
 def job_channel(job_id: uuid.UUID) -> str:

@@ -29,7 +29,7 @@ from peergpu.protocol.messages import (
     UploadRequest,
     UploadTarget,
 )
-from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, job_channel
+from peergpu.server.agents.channels import SCHEDULER_WAKE, job_channel
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.bulk import insert_rows
@@ -132,7 +132,7 @@ async def announce(context: ServerContext, applied: Applied) -> None:
         for job_id, state in applied.changes
     ]
     if applied.freed_gpus or applied.requeued:
-        messages.append((SCHEDULER_WAKE_CHANNEL, b"1"))
+        messages.append(SCHEDULER_WAKE)
     if messages:
         try:
             await context.bus.publish_many(messages)

@@ -20,7 +20,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import ServiceUnavailable
-from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, job_channel
+from peergpu.server.agents.channels import SCHEDULER_WAKE, job_channel
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel
@@ -138,7 +138,7 @@ async def notify(
     Best effort: the bus being down must not fail a change that is already committed."""
     messages = [(job_channel(job_id), json.dumps({"kind": "state", "state": state.value}).encode())]
     if wake_scheduler:
-        messages.append((SCHEDULER_WAKE_CHANNEL, b"1"))
+        messages.append(SCHEDULER_WAKE)
     try:
         await context.bus.publish_many(messages)  # one round trip
     except ServiceUnavailable as exc:
@@ -147,6 +147,6 @@ async def notify(
 
 async def wake_schedulers(context: ServerContext) -> None:
     try:
-        await context.bus.publish(SCHEDULER_WAKE_CHANNEL, b"1")
+        await context.bus.publish(*SCHEDULER_WAKE)
     except ServiceUnavailable as exc:
         logger.warning("bus unavailable; schedulers will find the work on their sweep: %s", exc)
