@@ -26,6 +26,41 @@ async def test_key_is_shown_once_and_stored_hashed(client: httpx.AsyncClient, se
     assert len(stored.secret_hash) == 64
 
 
+async def test_a_revoked_key_stops_submitting_jobs_at_once(client: httpx.AsyncClient) -> None:
+    # POST /jobs remembers the callers it checked for a few seconds (services.callers); a
+    # revocation on this replica must not wait for that.
+    user = await make_user(client)
+    key = (await client.post("/api/v1/keys", json={"name": "k"}, headers=user.headers)).json()
+    job = {"command": ["true"]}
+    first = await client.post("/api/v1/jobs", json=job, headers=bearer(key["key"]))
+    assert first.status_code == 201, first.text
+    again = await client.post("/api/v1/jobs", json=job, headers=bearer(key["key"]))
+    assert again.status_code == 201, again.text  # from the cache
+    assert (
+        await client.delete(f"/api/v1/keys/{key['id']}", headers=user.headers)
+    ).status_code == 204
+    assert_error(
+        await client.post("/api/v1/jobs", json=job, headers=bearer(key["key"])),
+        401,
+        "api_key_revoked",
+    )
+    assert_error(
+        await client.post("/api/v1/jobs", json=job, headers=bearer(key["key"][:-2] + "xx")),
+        401,
+        "invalid_api_key",
+    )
+    read_only = (
+        await client.post(
+            "/api/v1/keys", json={"name": "r", "scopes": ["read"]}, headers=user.headers
+        )
+    ).json()
+    assert_error(
+        await client.post("/api/v1/jobs", json=job, headers=bearer(read_only["key"])),
+        403,
+        "insufficient_scope",
+    )
+
+
 async def test_revoked_and_expired_keys_stop_working(client: httpx.AsyncClient, session) -> None:
     from sqlalchemy import update
 

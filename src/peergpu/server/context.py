@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -14,9 +14,13 @@ from peergpu.server.ratelimit import RateLimiter, create_rate_limiter
 from peergpu.server.security.manifest_keys import load_signing_key
 from peergpu.server.security.passwords import PasswordHashing
 from peergpu.server.security.tokens import AccessTokens
-from peergpu.server.services.billing.usage_writer import UsageRecorder
+from peergpu.server.services.billing.usage_writer import CreditCache, UsageRecorder
+from peergpu.server.services.callers import PrincipalCache
 from peergpu.server.services.email import Mailer, create_mailer
 from peergpu.server.storage import ObjectStore, create_object_store, derive_storage_secret
+
+#: Seconds a wallet found with credit is not asked again by submit's no-credit check.
+SUBMIT_CREDIT_TTL = 2.0
 
 
 @dataclass(slots=True)
@@ -33,6 +37,10 @@ class ServerContext:
     storage: ObjectStore
     #: Inference usage rows, group-committed (the app's lifespan starts and closes it).
     usage: UsageRecorder
+    #: Callers of the hot routes, remembered for a few seconds (``services.callers``).
+    principals: PrincipalCache = field(default_factory=PrincipalCache)
+    #: Wallets that had some credit a moment ago: submit's no-credit check skips its query.
+    credit_seen: CreditCache = field(default_factory=lambda: CreditCache(ttl=SUBMIT_CREDIT_TTL))
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ServerContext:

@@ -4,7 +4,7 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from peergpu.server.api.deps import Reader, SessionDep, Writer
+from peergpu.server.api.deps import ContextDep, Reader, SessionDep, Writer
 from peergpu.server.api.responses import AUTHENTICATED, errors
 from peergpu.server.schemas.api_keys import (
     ApiKeyCreate,
@@ -12,7 +12,7 @@ from peergpu.server.schemas.api_keys import (
     ApiKeyPublic,
     ApiKeysPublic,
 )
-from peergpu.server.services import api_keys
+from peergpu.server.services import api_keys, callers
 
 router = APIRouter(prefix="/keys", tags=["keys"], responses=AUTHENTICATED)
 
@@ -38,6 +38,11 @@ async def list_keys(
 
 
 @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404))
-async def revoke_key(key_id: uuid.UUID, principal: Writer, session: SessionDep) -> None:
-    """Revoke a key at once (idempotent)."""
+async def revoke_key(
+    key_id: uuid.UUID, principal: Writer, session: SessionDep, context: ContextDep
+) -> None:
+    """Revoke a key at once (idempotent). The hot routes (job submission, the inference
+    gateway) remember callers for a few seconds: on this replica they forget them now, on
+    others within ``services.callers.CACHE_SECONDS``."""
     await api_keys.revoke_key(session=session, principal=principal, key_id=key_id)
+    callers.forget_all(context)

@@ -62,15 +62,20 @@ async def get_principal(
 
 def require_scope(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
     async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-        if not principal.can(scope):
-            raise PermissionDenied(
-                f"This needs the '{scope.value}' scope.",
-                code="insufficient_scope",
-                details={"required": scope.value, "held": sorted(principal.scopes)},
-            )
-        return principal
+        return require_scope_of(principal, scope)
 
     return check
+
+
+def require_scope_of(principal: Principal, scope: Scope) -> Principal:
+    """``principal`` if it holds ``scope``; PermissionDenied (403) otherwise."""
+    if not principal.can(scope):
+        raise PermissionDenied(
+            f"This needs the '{scope.value}' scope.",
+            code="insufficient_scope",
+            details={"required": scope.value, "held": sorted(principal.scopes)},
+        )
+    return principal
 
 
 async def _require_admin(

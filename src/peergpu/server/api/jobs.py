@@ -8,9 +8,13 @@ from pathlib import PurePosixPath
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 
-from peergpu.server.api.deps import ContextDep, Reader, SessionDep, Writer
+from peergpu.errors import AuthenticationFailed
+from peergpu.server.api.bare import bearer_token, documented, json_body
+from peergpu.server.api.deps import ContextDep, Reader, SessionDep, Writer, require_scope_of
 from peergpu.server.api.responses import AUTHENTICATED, errors
+from peergpu.server.context import ServerContext
 from peergpu.server.db.job_models import JobState
 from peergpu.server.schemas.jobs import (
     ArtifactPublic,
@@ -22,7 +26,8 @@ from peergpu.server.schemas.jobs import (
     JobPublic,
     JobsPublic,
 )
-from peergpu.server.services import bundles, jobs
+from peergpu.server.security.scopes import Scope
+from peergpu.server.services import bundles, callers, jobs
 from peergpu.server.services.jobs import JobSpec
 
 router = APIRouter(tags=["jobs"], responses=AUTHENTICATED)
@@ -72,34 +77,74 @@ async def upload_bundle(
     )
 
 
+#: The ``Idempotency-Key`` header, as the OpenAPI document shows it.
+_IDEMPOTENCY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "retrying a submit with the same key returns the same job",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+}
+
+
 @router.post(
     "/jobs",
     status_code=status.HTTP_201_CREATED,
+    response_model=None,
     responses={
         **errors(402, 404, 409, 413),
+        201: {"model": JobPublic, "description": "Queued"},
         200: {"model": JobPublic, "description": "Idempotent replay"},
     },
+    openapi_extra=documented(JobCreate, security="HTTPBearer", parameters=[_IDEMPOTENCY_PARAMETER]),
 )
-async def submit_job(
-    body: JobCreate,
-    response: Response,
-    principal: Writer,
-    session: SessionDep,
-    context: ContextDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JobPublic:
+async def submit_job(request: Request) -> Response:
     """Queue a job: an image or a bundle, a command, and what it needs (GPUs, VRAM, models,
-    price, tags, duration). The scheduler assigns it to the cheapest eligible host."""
-    job, created = await jobs.submit(
-        context=context,
-        session=session,
-        principal=principal,
-        spec=JobSpec(**body.model_dump()),
-        idempotency_key=idempotency_key,
+    price, tags, duration). The scheduler assigns it to the cheapest eligible host.
+
+    The busiest route of the API, so it takes the bare request (``api.bare``): the same
+    checks in the same order as the dependencies would (401/403, then 422), with the caller
+    remembered for a few seconds (``services.callers``)."""
+    context: ServerContext = request.app.state.context
+    token = bearer_token(request)
+    if not token:
+        raise AuthenticationFailed(
+            "Send 'Authorization: Bearer <access token or API key>'.", code="not_authenticated"
+        )
+    principal = require_scope_of(await callers.authenticate(context, token), Scope.write)
+    idempotency_key = _idempotency_key(request)
+    _raw, _size, body = await json_body(request, JobCreate)
+    async with context.sessionmaker() as session:
+        job, created = await jobs.submit(
+            context=context,
+            session=session,
+            principal=principal,
+            spec=JobSpec(**body.model_dump()),
+            idempotency_key=idempotency_key,
+        )
+    return Response(
+        JobPublic.model_validate(job).model_dump_json(),
+        status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        media_type="application/json",
     )
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return JobPublic.model_validate(job)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 200:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "string_too_short" if not value else "string_too_long",
+                    "loc": ("header", "Idempotency-Key"),
+                    "msg": "Idempotency-Key must be 1 to 200 characters long",
+                    "input": value,
+                }
+            ]
+        )
+    return value
 
 
 @router.get("/jobs")

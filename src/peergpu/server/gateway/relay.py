@@ -28,7 +28,6 @@ from peergpu.protocol.messages import InferChunk, InferEnd, InferEndpoint, Infer
 from peergpu.server.agents.inference import InferenceStreams, InferFrame, OpenStream
 from peergpu.server.context import ServerContext
 from peergpu.server.gateway import catalog, limits
-from peergpu.server.gateway.auth import PrincipalCache
 from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.gateway.router import Candidate, NoHost, QueueTimeout, Router
 from peergpu.server.security.principal import Principal
@@ -74,7 +73,6 @@ class Relay:
         self.context = context
         self.streams = streams
         self.router = Router(context)
-        self.principals = PrincipalCache()
         #: Completion tokens counted after answers, charged with each caller's next admission.
         self.debts = limits.TokenDebts()
         self._flusher: asyncio.Task[None] | None = None

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from peergpu.errors import PaymentRequired
 from peergpu.protocol.messages import MODEL_NAME_PATTERN, InferEndpoint
+from peergpu.server.api.bare import bearer_token, documented, json_body
 from peergpu.server.api.deps import ContextDep, SessionDep
 from peergpu.server.context import ServerContext
 from peergpu.server.gateway import catalog, limits, relay
-from peergpu.server.gateway.auth import GatewayCaller, bearer_token, caller_of
+from peergpu.server.gateway.auth import GatewayCaller, caller_of
 from peergpu.server.gateway.errors import OpenAIError
 from peergpu.server.gateway.schemas import (
     ChatCompletionRequest,
@@ -30,31 +29,6 @@ from peergpu.server.services.billing import inference
 router = APIRouter()
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _Body = TypeVar("_Body", bound=BaseModel)
-
-
-def _documented(schema: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI requestBody of a route that parses its body itself, from its model (with
-    the model's own definitions inlined: the document's components do not hold them)."""
-    generated = schema.model_json_schema()
-    definitions = generated.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(definitions[ref.removeprefix("#/$defs/")])
-            return {key: inline(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(item) for item in node]
-        return node
-
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": inline(generated)}},
-        },
-        "security": [{"HTTPBearer": []}],  # the scheme the model routes' dependency declares
-    }
 
 
 #: A key with the ``inference`` scope (403 ``insufficient_permissions`` otherwise), looked up
@@ -124,13 +98,13 @@ def _model(served: catalog.ServedModel) -> ModelObject:
 # do what FastAPI's dependency resolution and body parsing would (authenticate, parse the body
 # once, validate it with the same models, answer the same 400s), at a fraction of the cost:
 # about a fifth of the server's CPU per request went to that machinery (bench/gateway.py).
-# Their OpenAPI entries are still generated from the models (``_documented``).
+# Their OpenAPI entries are still generated from the models (``api.bare.documented``).
 
 
 @router.post(
     "/chat/completions",
     response_model=None,
-    openapi_extra=_documented(ChatCompletionRequest),
+    openapi_extra=documented(ChatCompletionRequest, security="HTTPBearer"),
 )
 async def chat_completions(request: Request) -> Response:
     """A chat completion from a host serving the model; ``stream: true`` answers as
@@ -150,7 +124,11 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-@router.post("/embeddings", response_model=None, openapi_extra=_documented(EmbeddingRequest))
+@router.post(
+    "/embeddings",
+    response_model=None,
+    openapi_extra=documented(EmbeddingRequest, security="HTTPBearer"),
+)
 async def embeddings(request: Request) -> Response:
     """Embeddings of one text or many, from a host serving the model."""
     context, principal, (raw, size, body) = await _accept(request, EmbeddingRequest)
@@ -176,20 +154,7 @@ async def _accept(
     comes back as sent (for the engine), its size in bytes, and validated."""
     context: ServerContext = request.app.state.context
     principal = await caller_of(request, context, bearer_token(request))
-    data = await request.body()
-    try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {}}]
-        ) from exc
-    try:
-        body = schema.model_validate(raw)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
-        ) from exc
-    return context, principal, (raw, len(data), body)
+    return context, principal, await json_body(request, schema)
 
 
 async def _relay(
