@@ -198,3 +198,16 @@ async def test_create_rate_limiter_follows_settings() -> None:
     shared = create_rate_limiter(ServerSettings(redis_url=UNREACHABLE_REDIS_URL))
     assert isinstance(shared, RedisRateLimiter)
     await shared.close()
+
+
+async def test_in_process_limiter_never_reports_more_than_the_window() -> None:
+    # Just below a power of two, ``(now + 60) - now`` is 60 plus a rounding error in floating
+    # point: the contract test above failed that way when the machine's uptime was ~1,000 s.
+    now = 1000.0
+    limiter = InProcessRateLimiter(clock=lambda: now)
+    for step in range(200):
+        now = 964.0 + step * 0.3
+        result = await limiter.hit(f"k{step}", limit=1, window_seconds=WINDOW)
+        refused = await limiter.hit(f"k{step}", limit=1, window_seconds=WINDOW)
+        assert 0 < result.reset_after <= WINDOW
+        assert 0 < refused.reset_after <= WINDOW

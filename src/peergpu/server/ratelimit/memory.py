@@ -48,7 +48,7 @@ class InProcessRateLimiter(RateLimiter):
             window = None
         used = 0 if window is None else window.used
         if used + cost > limit:
-            reset_after = window_seconds if window is None else window.expires_at - now
+            reset_after = window_seconds if window is None else _left(window, now, window_seconds)
             return RateLimitResult(
                 allowed=False, limit=limit, remaining=max(0, limit - used), reset_after=reset_after
             )
@@ -59,7 +59,7 @@ class InProcessRateLimiter(RateLimiter):
             allowed=True,
             limit=limit,
             remaining=limit - window.used,
-            reset_after=window.expires_at - now,
+            reset_after=_left(window, now, window_seconds),
         )
 
     async def reset(self, key: str) -> None:
@@ -83,6 +83,12 @@ class InProcessRateLimiter(RateLimiter):
         self._hits_since_sweep = 0
         # Sweeping costs O(windows): wait proportionally long before the next one.
         self._hits_before_sweep = max(self._sweep_every, len(self._windows))
+
+
+def _left(window: _Window, now: float, window_seconds: float) -> float:
+    """Seconds until ``window`` ends. ``(now + w) - now`` can come out a hair above ``w`` in
+    floating point (the clock's value decides): never report more than the window."""
+    return min(window.expires_at - now, window_seconds)
 
 
 @dataclass(slots=True)
