@@ -86,6 +86,7 @@ from bench._harness import (  # noqa: E402
     PASSWORD,
     SECRET,
     environment,
+    free_port,
     listening,
     machine_cpu,
     process_cpu,
@@ -150,6 +151,13 @@ def main() -> None:
     )
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="phase 2 length")
     parser.add_argument("--skip-latency", action="store_true", help="phase 1 only")
+    parser.add_argument(
+        "--scheduler-replica",
+        action="store_true",
+        help="PostgreSQL only: two server processes on the one database and Redis, as two "
+        "replicas: one serves the API and the agents' sockets (PEERGPU_SCHEDULER_ENABLED=false), "
+        "the other runs the scheduler and the billing loops",
+    )
     parser.add_argument("--profile", type=Path, help="cProfile the server process into this file")
     parser.add_argument(
         "--sample",
@@ -173,6 +181,8 @@ def main() -> None:
     if args.agents > args.hosts:
         parser.error("--agents cannot exceed --hosts")
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    if args.scheduler_replica and backends != ["postgres"]:
+        parser.error("--scheduler-replica needs --backend postgres (SQLite runs one scheduler)")
     command = " ".join([".venv/bin/python", "bench/scheduler.py", *sys.argv[1:]])
     for backend in backends:
         report = asyncio.run(_bench(backend, args))
@@ -304,8 +314,16 @@ async def _bench(backend: str, args: argparse.Namespace) -> Report:
         report = Report(backend, args, settings.scheduler_batch_size)
         seeded = await _seed(settings, args, report)
         profile = _profile_path(args.profile, backend) if args.profile else None
+        split = args.scheduler_replica
         with (
-            _server(settings, profile, sample=args.sample, experiments=args.experiment) as server,
+            _server(
+                settings,
+                profile,
+                sample=args.sample,
+                experiments=args.experiment,
+                scheduler=not split,
+            ) as server,
+            _scheduler_replica(settings, args) as replica,
             _Agents(settings, seeded) as agents,
         ):
             started = time.monotonic()
@@ -319,13 +337,25 @@ async def _bench(backend: str, args: argparse.Namespace) -> Report:
                 )
             _say(f"{backend}: {status['welcomed']} agents connected")
             monitor = _CpuMonitor(
-                server.pid, agents.pid, os.getpid(), stores=not settings.is_sqlite
+                server.pid,
+                agents.pid,
+                os.getpid(),
+                stores=not settings.is_sqlite,
+                replica=replica[0].pid if replica else None,
             )
             client = _client(settings, seeded.api_key)
-            async with client:
-                await _throughput(settings, seeded, agents, client, monitor, args, report)
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(client)
+                servers = [client]
+                if replica:
+                    servers.append(
+                        await stack.enter_async_context(
+                            httpx.AsyncClient(base_url=f"http://127.0.0.1:{replica[1]}")
+                        )
+                    )
+                await _throughput(settings, seeded, agents, servers, monitor, args, report)
                 if not args.skip_latency:
-                    await _latency(settings, seeded, agents, client, monitor, args, report)
+                    await _latency(settings, seeded, agents, servers, monitor, args, report)
             final = await agents.status()
             if final["errors"] or final["closed"]:
                 report.notes.append(
@@ -359,11 +389,12 @@ async def _throughput(
     settings: ServerSettings,
     seeded: Seeded,
     agents: _Agents,
-    client: httpx.AsyncClient,
+    servers: list[httpx.AsyncClient],
     monitor: _CpuMonitor,
     args: argparse.Namespace,
     report: Report,
 ) -> None:
+    client = servers[0]  # the API (and, unless --scheduler-replica, the scheduler too)
     context = ServerContext.build(settings)
     try:
         released = time.perf_counter()
@@ -397,7 +428,7 @@ async def _throughput(
     samples_after = await _samples(client)
     await asyncio.sleep(0.5)
     receipts = await agents.receipts()
-    stats = await _server_stats(client, since=first - 1)
+    stats = await _server_stats(servers, since=first - 1)
     times = sorted(r[0] for r in receipts)
     if not times:
         raise RuntimeError("no manifest reached the agents")
@@ -445,11 +476,12 @@ async def _latency(
     settings: ServerSettings,
     seeded: Seeded,
     agents: _Agents,
-    client: httpx.AsyncClient,
+    servers: list[httpx.AsyncClient],
     monitor: _CpuMonitor,
     args: argparse.Namespace,
     report: Report,
 ) -> None:
+    client = servers[0]
     context = ServerContext.build(settings)
     try:
         async with context.sessionmaker() as session:
@@ -539,7 +571,7 @@ async def _latency(
         await agents.wait_manifests(before_manifests + len(sent), timeout=60)
         receipts = {job: at for at, job, _issued in await agents.receipts()}
         issued = {job: iss for _at, job, iss in await agents.receipts()}
-        stats = await _server_stats(client, since=phase_start - 1)
+        stats = await _server_stats(servers, since=phase_start - 1)
         frames = {job: at for at, job in stats["frames"]}
         submits = dict(stats["submits"])
         created = await _created_at(context, list(sent))
@@ -753,10 +785,16 @@ def _sample_summary(before: dict[str, Any], after: dict[str, Any], top: int = 30
     return "\n".join(lines)
 
 
-async def _server_stats(client: httpx.AsyncClient, *, since: float) -> dict[str, Any]:
-    response = await client.get("/_bench/stats", params={"since": since})
-    response.raise_for_status()
-    stats: dict[str, Any] = response.json()
+async def _server_stats(servers: list[httpx.AsyncClient], *, since: float) -> dict[str, Any]:
+    """What every server process recorded (frames, submits, passes), merged."""
+    stats: dict[str, Any] = {}
+    for client in servers:
+        response = await client.get("/_bench/stats", params={"since": since})
+        response.raise_for_status()
+        for key, values in response.json().items():
+            stats.setdefault(key, []).extend(values)
+    for values in stats.values():
+        values.sort()
     return stats
 
 
@@ -936,7 +974,13 @@ def _profile_path(base: Path, backend: str) -> Path:
 
 @contextlib.contextmanager
 def _server(
-    settings: ServerSettings, profile: Path | None, *, sample: bool, experiments: list[str]
+    settings: ServerSettings,
+    profile: Path | None,
+    *,
+    sample: bool,
+    experiments: list[str],
+    scheduler: bool = True,
+    name: str = "server",
 ) -> Iterator[subprocess.Popen[bytes]]:
     env = {
         **os.environ,
@@ -952,8 +996,9 @@ def _server(
         "PEERGPU_BENCH_PROFILE": str(profile or ""),
         "PEERGPU_BENCH_SAMPLE": "1" if sample else "",
         "PEERGPU_BENCH_EXPERIMENTS": ",".join(experiments),
+        "PEERGPU_SCHEDULER_ENABLED": "true" if scheduler else "false",
     }
-    log_path = settings.data_dir / "server.log"
+    log_path = settings.data_dir / f"{name}.log"
     log = open(log_path, "wb")  # closed in the finally below  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--serve"],
@@ -977,7 +1022,23 @@ def _server(
             process.kill()
             process.wait()
         log.close()
-        _keep_log(log_path, "server")
+        _keep_log(log_path, name)
+
+
+@contextlib.contextmanager
+def _scheduler_replica(
+    settings: ServerSettings, args: argparse.Namespace
+) -> Iterator[tuple[subprocess.Popen[bytes], int] | None]:
+    """With ``--scheduler-replica``, a second server process on its own port that runs the
+    scheduler (and the billing loops) for the one the agents and the renter talk to."""
+    if not args.scheduler_replica:
+        yield None
+        return
+    replica = settings.model_copy(update={"port": free_port()})
+    with _server(
+        replica, None, sample=False, experiments=args.experiment, name="scheduler-replica"
+    ) as process:
+        yield process, replica.port
 
 
 def _keep_log(path: Path, name: str) -> None:
@@ -1071,8 +1132,12 @@ class _Agents:
 class _CpuMonitor:
     """CPU seconds of the server, the agents, this driver, PostgreSQL, Redis and the machine."""
 
-    def __init__(self, server: int, agents: int, driver: int, *, stores: bool) -> None:
+    def __init__(
+        self, server: int, agents: int, driver: int, *, stores: bool, replica: int | None = None
+    ) -> None:
         self.pids = {"server": server, "agents": agents, "driver": driver}
+        if replica is not None:
+            self.pids["scheduler replica"] = replica
         self.stores = stores  # PostgreSQL and Redis are ours (else they count as "other")
 
     def sample(self) -> dict[str, float]:
@@ -1096,7 +1161,9 @@ class _CpuMonitor:
             f"server {used['server']:.2f} (its event-loop thread {used['server loop thread']:.2f}"
             f", other threads {used['server'] - used['server loop thread']:.2f}), "
             + ", ".join(
-                f"{k} {used[k]:.2f}" for k in ("agents", "driver", "postgres", "redis") if k in used
+                f"{k} {used[k]:.2f}"
+                for k in ("scheduler replica", "agents", "driver", "postgres", "redis")
+                if k in used
             )
             + f"; machine {used['machine']:.2f} of {os.cpu_count()}"
             + f" (other processes {max(used['machine'] - ours, 0):.2f})"
