@@ -498,6 +498,14 @@ async def _latency(
                 )
             )
             await session.commit()
+        if not settings.is_sqlite:
+            # Cancelling ~70,000 jobs in one UPDATE left as many dead index entries, which
+            # every queue read of phase 2 would step over until autovacuum came by (it does,
+            # within a minute): vacuum now, as a live queue that drains gradually never has
+            # this many at once.
+            async with context.engine.connect() as connection:
+                autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                await autocommit.execute(text("VACUUM ANALYZE jobs"))
         _say(f"{report.backend}: backlog cancelled; waiting for jobs in flight to finish")
         deadline = time.monotonic() + 120
         while True:
@@ -642,7 +650,9 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
                 statements.append(
                     ("claim UPDATE (one GPU)", scheduler.claim_statement({row[0]: job_id}))
                 )
-            heads_statement = job_queue.heads_statement(batch_size)
+            heads_statement = job_queue.heads_statement(
+                batch_size, skip_scan=not settings.is_sqlite
+            )
             heads = [
                 (owner, priority) for owner, priority in await session.execute(heads_statement)
             ]

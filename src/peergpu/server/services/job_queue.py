@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, union_all
+from sqlalchemy import Select, func, select, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from peergpu.server.db.bulk import table_of
 from peergpu.server.db.job_models import JobModel, JobState
 
 #: Terms per UNION ALL in the queue read (SQLite refuses more than 500).
@@ -54,19 +55,67 @@ class QueuedJob:
 _COLUMNS = tuple(getattr(JobModel, name) for name in QueuedJob.__dataclass_fields__)
 
 
-def heads_statement(size: int, skip_owners: Collection[uuid.UUID] = ()) -> Select[uuid.UUID, int]:
+def heads_statement(
+    size: int, skip_owners: Collection[uuid.UUID] = (), *, skip_scan: bool = True
+) -> Select[uuid.UUID, int]:
     """The (renter, priority) queues whose oldest job could be among the next ``size`` jobs:
     every job in the batch ranks after its own queue's head, so at most ``size`` heads matter.
-    ``skip_owners``' queues are left out (renters whose credit just fell short)."""
+    ``skip_owners``' queues are left out (renters whose credit just fell short).
+
+    With ``skip_scan`` (PostgreSQL) the heads are found by a skip scan of
+    ``ix_jobs_fair_queue`` (a recursive CTE): one index probe per queue, each for the first
+    queued job after the previous queue, so the read costs what the number of queues does, not
+    the number of queued jobs: 0.8 ms instead of 20 ms over 100,000 queued jobs of 20 renters,
+    every pass. SQLite probes only by renter there (each probe then walks a renter's lower
+    priority queue), which came out slower than its ``GROUP BY`` (20 ms against 14 ms), so
+    SQLite keeps the ``GROUP BY``."""
+    if not skip_scan:
+        grouped = (
+            select(JobModel.owner_id, JobModel.priority)
+            .where(JobModel.state == _QUEUED)
+            .group_by(JobModel.owner_id, JobModel.priority)
+            .order_by(JobModel.priority.desc(), func.min(JobModel.created_at))
+            .limit(size)
+        )
+        if skip_owners:
+            grouped = grouped.where(JobModel.owner_id.not_in(list(skip_owners)))
+        return grouped
+    jobs = table_of(JobModel)
+    queue_order = (jobs.c.state, jobs.c.owner_id, jobs.c.priority, jobs.c.created_at, jobs.c.id)
+    first = (
+        select(jobs.c.id)
+        .where(jobs.c.state == _QUEUED)
+        .order_by(*queue_order)
+        .limit(1)
+        .scalar_subquery()
+    )
+    heads = select(first.label("id")).cte("queue_heads", recursive=True)
+    head = jobs.alias("head")
+    after = jobs.alias("after")
+    following = (
+        select(after.c.id)
+        .where(
+            after.c.state == _QUEUED,
+            # A row value after the equality: the index range starts right after the previous
+            # queue (PostgreSQL 15 starts ``(state, owner_id, priority) > (...)`` at the first
+            # queued job, and an OR of the two cases scans everything).
+            tuple_(after.c.owner_id, after.c.priority) > tuple_(head.c.owner_id, head.c.priority),
+        )
+        .order_by(after.c.state, after.c.owner_id, after.c.priority, after.c.created_at, after.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    heads = heads.union_all(
+        select(following).select_from(heads.join(head, head.c.id == heads.c.id))
+    )
     query = (
-        select(JobModel.owner_id, JobModel.priority)
-        .where(JobModel.state == _QUEUED)
-        .group_by(JobModel.owner_id, JobModel.priority)
-        .order_by(JobModel.priority.desc(), func.min(JobModel.created_at))
+        select(jobs.c.owner_id, jobs.c.priority)
+        .select_from(heads.join(jobs, jobs.c.id == heads.c.id))
+        .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
         .limit(size)
     )
     if skip_owners:
-        query = query.where(JobModel.owner_id.not_in(list(skip_owners)))
+        query = query.where(jobs.c.owner_id.not_in(list(skip_owners)))
     return query
 
 
@@ -119,9 +168,12 @@ async def take_batch(
     session: AsyncSession, size: int, skip_owners: Collection[uuid.UUID] = ()
 ) -> list[QueuedJob]:
     """Queued jobs in queue order (priority, fair share, age), locked on PostgreSQL."""
+    skip_scan = session.get_bind().dialect.name == "postgresql"
     heads = [
         (owner, priority)
-        for owner, priority in await session.execute(heads_statement(size, skip_owners))
+        for owner, priority in await session.execute(
+            heads_statement(size, skip_owners, skip_scan=skip_scan)
+        )
     ]
     if not heads:
         return []
