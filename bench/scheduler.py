@@ -23,9 +23,10 @@ Phase 2, latency: the backlog is cancelled (one UPDATE), in-flight jobs finish, 
 submitted with ``POST /api/v1/jobs`` (an API key) at a fixed rate, by default half the measured
 sustained rate. Three clocks, all ``time.time()`` on this one machine:
 
-* server side (the goal's definition): ``jobs.submit`` returned (its commit is done) -> the
-  manifest frame written to the agent's socket by the hub. Both moments are recorded inside the
-  server process by thin wrappers this benchmark installs (``--serve``); nothing else changes.
+* server side (the goal's definition): the submit's commit is done (``jobs.submit`` is about to
+  publish its wake-up) -> the manifest frame written to the agent's socket by the hub. Both
+  moments are recorded inside the server process by thin wrappers this benchmark installs
+  (``--serve``); nothing else changes.
 * proxy: the job's ``created_at`` (stamped just before the INSERT, so it includes the INSERT and
   the commit) -> the agent process has the frame (loopback and the agent's loop included):
   slightly pessimistic.
@@ -1206,7 +1207,7 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.frames: list[tuple[float, str]] = []  # manifest frame written to a socket
-        self.submits: list[tuple[str, float]] = []  # jobs.submit returned (committed)
+        self.submits: list[tuple[str, float]] = []  # a submit committed (before its wake-up)
         # per pass: start, wall, assigned, considered, free GPUs, batch, claims, rest, dispatch
         self.passes: list[list[float]] = []
         self.current: dict[str, float] | None = None
@@ -1323,13 +1324,13 @@ def _package(filename: str, function: str) -> str:
 
 
 def _instrument(recorder: _Recorder) -> None:
-    """Wrap the scheduler's steps, ``jobs.submit`` and the hub's socket send with timers.
+    """Wrap the scheduler's steps, the submit's wake-up and the hub's socket send with timers.
     Behaviour is unchanged; each wrapper costs a couple of microseconds."""
     from sqlalchemy import event
 
     from peergpu.server import context as context_module
     from peergpu.server.agents import hub
-    from peergpu.server.services import jobs, scheduler
+    from peergpu.server.services import job_states, scheduler
 
     # ``context`` imported ``create_engine`` by name: wrap it where ``ServerContext`` looks.
     original_engine = context_module.create_engine  # type: ignore[attr-defined]
@@ -1412,15 +1413,19 @@ def _instrument(recorder: _Recorder) -> None:
     scheduler._pass = one_pass
     scheduler._dispatch = dispatch
 
-    original_submit = jobs.submit
+    # The submit's commit: ``jobs.submit`` calls ``notify`` (the wake-up) right after it.
+    # Stamped there, not when ``jobs.submit`` returns: the scheduler (on another replica with
+    # --scheduler-replica) may have assigned the job during that publish.
+    original_notify = job_states.notify
 
-    async def submit(**kwargs: Any) -> Any:
-        job, created = await original_submit(**kwargs)
-        if created:
-            recorder.submits.append((str(job.id), time.time()))
-        return job, created
+    async def notify(
+        context: Any, job_id: Any, state: Any, *, wake_scheduler: bool = False
+    ) -> None:
+        if wake_scheduler and state == JobState.queued:
+            recorder.submits.append((str(job_id), time.time()))
+        await original_notify(context, job_id, state, wake_scheduler=wake_scheduler)
 
-    jobs.submit = submit
+    job_states.notify = notify
 
     original_send = hub._Socket.send
 
