@@ -424,9 +424,11 @@ async def _throughput(
     await _sleep_until(window_start)
     before = monitor.sample()
     samples_before = await _samples(client)
+    replica_before = await _samples(servers[1]) if args.sample and len(servers) > 1 else None
     await _sleep_until(window_end)
     after = monitor.sample()
     samples_after = await _samples(client)
+    replica_after = await _samples(servers[1]) if replica_before is not None else None
     await asyncio.sleep(0.5)
     receipts = await agents.receipts()
     stats = await _server_stats(servers, since=first - 1)
@@ -449,6 +451,10 @@ async def _throughput(
     report.sql = _sql_summary(samples_before["sql"], samples_after["sql"], server_in_window)
     if args.sample:
         report.samples = _sample_summary(samples_before, samples_after)
+        if replica_before is not None and replica_after is not None:
+            report.samples += "\nphase 1, the scheduler replica: " + _sample_summary(
+                replica_before, replica_after
+            )
     report.throughput = {
         "sustained": in_window / window,
         "window": window,
@@ -563,6 +569,7 @@ async def _latency(
         phase_start = time.time()
         before = monitor.sample()
         samples_before = await _samples(client) if args.sample else None
+        replica_before = await _samples(servers[1]) if args.sample and len(servers) > 1 else None
         workers = [asyncio.create_task(submitter()) for _ in range(SUBMIT_CONNECTIONS)]
         start = time.monotonic()
         for index in range(count):
@@ -577,6 +584,10 @@ async def _latency(
         after = monitor.sample()
         if samples_before is not None:
             report.latency_samples = _sample_summary(samples_before, await _samples(client))
+        if replica_before is not None:
+            report.latency_samples += "\nphase 2, the scheduler replica: " + _sample_summary(
+                replica_before, await _samples(servers[1])
+            )
         await agents.wait_manifests(before_manifests + len(sent), timeout=60)
         receipts = {job: at for at, job, _issued in await agents.receipts()}
         issued = {job: iss for _at, job, iss in await agents.receipts()}
@@ -1047,7 +1058,7 @@ def _scheduler_replica(
         return
     replica = settings.model_copy(update={"port": free_port()})
     with _server(
-        replica, None, sample=False, experiments=args.experiment, name="scheduler-replica"
+        replica, None, sample=args.sample, experiments=args.experiment, name="scheduler-replica"
     ) as process:
         yield process, replica.port
 

@@ -9,13 +9,14 @@ job could make the batch, and only their first ``size`` jobs each, are ranked (t
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, tuple_, union_all
+from sqlalchemy import BindParameter, Select, bindparam, func, select, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.server.db.bulk import table_of
@@ -24,6 +25,8 @@ from peergpu.server.db.job_models import JobModel, JobState
 #: Terms per UNION ALL in the queue read (SQLite refuses more than 500).
 _UNION_TERMS = 400
 _QUEUED = JobState.queued.value
+#: The renters left out of a queue read (an expanding list parameter).
+_SKIPPED: BindParameter[Any] = bindparam("skip_owners", expanding=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +61,18 @@ _COLUMNS = tuple(getattr(JobModel, name) for name in QueuedJob.__dataclass_field
 def heads_statement(
     size: int, skip_owners: Collection[uuid.UUID] = (), *, skip_scan: bool = True
 ) -> Select[uuid.UUID, int]:
+    """:func:`heads_query` with ``skip_owners`` bound, ready to execute."""
+    query = heads_query(size, skip_scan=skip_scan, skipping=bool(skip_owners))
+    return query.params(skip_owners=list(skip_owners)) if skip_owners else query
+
+
+@functools.lru_cache(maxsize=16)
+def heads_query(size: int, *, skip_scan: bool, skipping: bool) -> Select[uuid.UUID, int]:
     """The (renter, priority) queues whose oldest job could be among the next ``size`` jobs:
     every job in the batch ranks after its own queue's head, so at most ``size`` heads matter.
-    ``skip_owners``' queues are left out (renters whose credit just fell short).
+    With ``skipping``, the queues of the renters in the ``skip_owners`` parameter (a list) are
+    left out (renters whose credit just fell short). Built once per shape and reused: building
+    this statement cost ~1.8 ms of CPU, every pass.
 
     With ``skip_scan`` (PostgreSQL) the heads are found by a skip scan of
     ``ix_jobs_fair_queue`` (a recursive CTE): one index probe per queue, each for the first
@@ -77,8 +89,8 @@ def heads_statement(
             .order_by(JobModel.priority.desc(), func.min(JobModel.created_at))
             .limit(size)
         )
-        if skip_owners:
-            grouped = grouped.where(JobModel.owner_id.not_in(list(skip_owners)))
+        if skipping:
+            grouped = grouped.where(JobModel.owner_id.not_in(_SKIPPED))
         return grouped
     jobs = table_of(JobModel)
     queue_order = (jobs.c.state, jobs.c.owner_id, jobs.c.priority, jobs.c.created_at, jobs.c.id)
@@ -114,22 +126,42 @@ def heads_statement(
         .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
         .limit(size)
     )
-    if skip_owners:
-        query = query.where(jobs.c.owner_id.not_in(list(skip_owners)))
+    if skipping:
+        query = query.where(jobs.c.owner_id.not_in(_SKIPPED))
     return query
 
 
 def order_statement(heads: Sequence[tuple[uuid.UUID, int]], size: int) -> Select[Any]:
+    """:func:`order_query` for ``heads``, with their values bound, ready to execute."""
+    return order_query(len(heads), size).params(order_parameters(heads))
+
+
+def order_parameters(heads: Sequence[tuple[uuid.UUID, int]]) -> dict[str, Any]:
+    parameters: dict[str, Any] = {}
+    for number, (owner, priority) in enumerate(heads):
+        parameters[f"owner_{number}"] = owner
+        parameters[f"priority_{number}"] = priority
+    return parameters
+
+
+@functools.lru_cache(maxsize=64)
+def order_query(count: int, size: int) -> Select[Any]:
     """The next ``size`` queued job ids in queue order, read from the first ``size`` jobs of
-    each queue in ``heads`` only (one index range each) and ranked by fair share."""
+    each of ``count`` queues only (one index range each; the queues are the parameters
+    ``owner_<n>`` and ``priority_<n>``, see :func:`order_parameters`) and ranked by fair
+    share. Built once per count and reused: building it for 20 queues cost ~6.6 ms of CPU."""
     firsts = [
         select(JobModel.id, JobModel.owner_id, JobModel.priority, JobModel.created_at)
-        .where(JobModel.state == _QUEUED, JobModel.owner_id == owner, JobModel.priority == priority)
+        .where(
+            JobModel.state == _QUEUED,
+            JobModel.owner_id == bindparam(f"owner_{number}", type_=JobModel.owner_id.type),
+            JobModel.priority == bindparam(f"priority_{number}", type_=JobModel.priority.type),
+        )
         .order_by(JobModel.created_at, JobModel.id)
         .limit(size)
         .subquery()
         .select()
-        for owner, priority in heads
+        for number in range(count)
     ]
     # SQLite allows 500 terms in one compound SELECT: nest groups of them.
     while len(firsts) > _UNION_TERMS:
@@ -169,13 +201,10 @@ async def take_batch(
 ) -> list[QueuedJob]:
     """Queued jobs in queue order (priority, fair share, age), locked on PostgreSQL."""
     skip_scan = session.get_bind().dialect.name == "postgresql"
-    heads = [
-        (owner, priority)
-        for owner, priority in await session.execute(
-            heads_statement(size, skip_owners, skip_scan=skip_scan)
-        )
-    ]
+    query = heads_query(size, skip_scan=skip_scan, skipping=bool(skip_owners))
+    parameters = {"skip_owners": list(skip_owners)} if skip_owners else {}
+    heads = [(owner, priority) for owner, priority in await session.execute(query, parameters)]
     if not heads:
         return []
-    ids = list(await session.scalars(order_statement(heads, size)))
+    ids = list(await session.scalars(order_query(len(heads), size), order_parameters(heads)))
     return await read_jobs(session, ids, lock=True)

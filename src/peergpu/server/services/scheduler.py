@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -45,6 +46,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    Integer,
     bindparam,
     case,
     cast,
@@ -294,6 +296,34 @@ async def _free_capacity(
     ``limit``. Returns them by host, and whether the limit cut the list short. Only free GPU
     rows are read: on a busy fleet most GPUs are taken, and reading them all (to count them)
     was most of this query's time."""
+    query = _free_query(limited=limit is not None)
+    parameters = {"free_limit": limit + 1} if limit is not None else {}
+    rows = list(await session.execute(query, parameters))
+    cut = limit is not None and len(rows) > limit
+    if cut:
+        rows = rows[:limit]
+    hosts: dict[uuid.UUID, _Host] = {}
+    for row in rows:
+        gpu_id, host_id, index, model, memory = row[:5]
+        host = hosts.get(host_id)
+        if host is None:
+            host = hosts[host_id] = _Host(
+                id=host_id,
+                owner_id=row.owner_id,
+                price=int(row.price_per_gpu_hour_micros or 0),
+                reliability=float(row.reliability or 0.0),
+                tags=frozenset(row.tags or ()),
+                runners=frozenset(row.runners or ()),
+                busy=int(row.busy or 0),
+            )
+        host.free.append((gpu_id, index, model.lower(), memory))
+    return hosts, cut
+
+
+@functools.lru_cache(maxsize=2)
+def _free_query(*, limited: bool) -> Any:
+    """The statement of :func:`_free_capacity`, built once (building it cost ~0.8 ms of CPU,
+    every pass); ``limited`` reads the first ``free_limit`` rows only."""
     taken = aliased(HostGpuModel)
     busy = (
         select(func.count())
@@ -325,28 +355,7 @@ async def _free_capacity(
             HostGpuModel.index,
         )
     )
-    if limit is not None:
-        query = query.limit(limit + 1)
-    rows = list(await session.execute(query))
-    cut = limit is not None and len(rows) > limit
-    if cut:
-        rows = rows[:limit]
-    hosts: dict[uuid.UUID, _Host] = {}
-    for row in rows:
-        gpu_id, host_id, index, model, memory = row[:5]
-        host = hosts.get(host_id)
-        if host is None:
-            host = hosts[host_id] = _Host(
-                id=host_id,
-                owner_id=row.owner_id,
-                price=int(row.price_per_gpu_hour_micros or 0),
-                reliability=float(row.reliability or 0.0),
-                tags=frozenset(row.tags or ()),
-                runners=frozenset(row.runners or ()),
-                busy=int(row.busy or 0),
-            )
-        host.free.append((gpu_id, index, model.lower(), memory))
-    return hosts, cut
+    return query.limit(bindparam("free_limit", type_=Integer)) if limited else query
 
 
 def _match(job: QueuedJob, ranked: list[_Host]) -> tuple[_Host, list[Gpu]] | None:
