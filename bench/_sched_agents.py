@@ -91,13 +91,14 @@ class Agent:
             "runners": ["process"],
             "gpus": [
                 {
-                    "index": 0,
-                    "uuid": self.spec["gpu_uuid"],
+                    "index": gpu["index"],
+                    "uuid": gpu["uuid"],
                     "model": self.spec["model"],
                     "memory_total_mib": self.spec["memory_mib"],
                     "driver_version": "550.54",
                     "cuda_version": "12.4",
                 }
+                for gpu in self.spec["gpus"]
             ],
             "running_jobs": [],
         }
@@ -149,9 +150,21 @@ class Agent:
         interval = self.heartbeat_interval
         # Spread the agents' heartbeats evenly over the interval, as independent hosts would be.
         await asyncio.sleep(random.uniform(0, interval))
-        sample = (
-            '{"type":"heartbeat","gpus":[{"index":0,"utilization_percent":0.0,'
-            '"memory_used_mib":0,"temperature_c":40.0,"power_watts":60.0}],"running_jobs":[]}'
+        sample = json.dumps(
+            {
+                "type": "heartbeat",
+                "gpus": [
+                    {
+                        "index": gpu["index"],
+                        "utilization_percent": 0.0,
+                        "memory_used_mib": 0,
+                        "temperature_c": 40.0,
+                        "power_watts": 60.0,
+                    }
+                    for gpu in self.spec["gpus"]
+                ],
+                "running_jobs": [],
+            }
         )
         with contextlib.suppress(ConnectionClosed):
             while True:

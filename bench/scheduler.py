@@ -1,6 +1,6 @@
 """Scheduling + dispatch, end to end: queued job -> claim -> signed manifest -> agent socket.
 
-Sizes (defaults): 10,000 registered hosts with one GPU each (varied models, VRAM and prices),
+Sizes (defaults): 10,000 registered hosts with one GPU each (``--gpus-per-host``; varied models, VRAM and prices),
 1,000 of them connected as real WebSocket agents from a separate process
 (``bench/_sched_agents.py``: one asyncio loop, the real agent's connection options, a heartbeat
 every interval the server asks for), and 100,000 queued jobs from 20 renters. The server is
@@ -138,7 +138,14 @@ def _say(message: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--hosts", type=int, default=10_000, help="registered hosts (1 GPU each)")
+    parser.add_argument("--hosts", type=int, default=10_000, help="registered hosts")
+    parser.add_argument(
+        "--gpus-per-host",
+        type=int,
+        default=1,
+        help="GPUs of each host (the same model); more free GPUs than agents at the start "
+        "measures a burst of claims into free capacity",
+    )
     parser.add_argument("--agents", type=int, default=1_000, help="hosts connected as agents")
     parser.add_argument("--jobs", type=int, default=100_000, help="queued jobs for phase 1")
     parser.add_argument("--renters", type=int, default=20, help="owners of the queued jobs")
@@ -218,7 +225,8 @@ class Report:
             "",
             f"=== scheduler benchmark: {label} ===",
             f"command: {command}",
-            f"sizes:   {a.hosts:,} hosts (1 GPU each), {self.connected:,} of {a.agents:,} agents "
+            f"sizes:   {a.hosts:,} hosts ({a.gpus_per_host} GPU each), {self.connected:,} of "
+            f"{a.agents:,} agents "
             f"connected ({self.connect_seconds:.1f} s), "
             f"{a.jobs:,} queued jobs from {a.renters} renters; scheduler_batch_size "
             f"{self.batch_size}; {os.cpu_count()} CPU cores",
@@ -893,23 +901,26 @@ async def _seed(settings: ServerSettings, args: argparse.Namespace, report: Repo
                     "created_at": now,
                 }
             )
-            gpu_uuid = f"GPU-{uuid.UUID(int=rng.getrandbits(128))}"
-            gpu_rows.append(
-                {
-                    "id": uuid.uuid4(),
-                    "host_id": host_id,
-                    "index": 0,
-                    "uuid": gpu_uuid,
-                    "model": model,
-                    "memory_total_mib": memory,
-                }
-            )
+            gpus = []
+            for gpu_index in range(args.gpus_per_host):
+                gpu_uuid = f"GPU-{uuid.UUID(int=rng.getrandbits(128))}"
+                gpus.append({"index": gpu_index, "uuid": gpu_uuid})
+                gpu_rows.append(
+                    {
+                        "id": uuid.uuid4(),
+                        "host_id": host_id,
+                        "index": gpu_index,
+                        "uuid": gpu_uuid,
+                        "model": model,
+                        "memory_total_mib": memory,
+                    }
+                )
             if index < args.agents:
                 specs.append(
                     {
                         "credential": credential.plaintext,
                         "name": name,
-                        "gpu_uuid": gpu_uuid,
+                        "gpus": gpus,
                         "model": model,
                         "memory_mib": memory,
                     }
