@@ -1,7 +1,7 @@
 """Scheduling + dispatch, end to end: queued job -> claim -> signed manifest -> agent socket.
 
-Sizes (defaults): 10,000 registered hosts with one GPU each (``--gpus-per-host``; varied models, VRAM and prices),
-1,000 of them connected as real WebSocket agents from a separate process
+Sizes (defaults): 10,000 registered hosts with one GPU each (``--gpus-per-host``; varied models,
+VRAM and prices), 1,000 of them connected as real WebSocket agents from a separate process
 (``bench/_sched_agents.py``: one asyncio loop, the real agent's connection options, a heartbeat
 every interval the server asks for), and 100,000 queued jobs from 20 renters. The server is
 the real application under uvicorn in its own process (as ``peergpu server`` runs it), so the
