@@ -172,7 +172,20 @@ async def test_org_key_dies_when_its_creator_leaves(client: httpx.AsyncClient) -
     assert (
         await client.get("/api/v1/orgs", headers={"Authorization": f"Bearer {key}"})
     ).status_code == 200
+    # Submitting through it once puts the caller in the hot routes' cache (services.callers):
+    # authenticated, then refused for the organization's empty wallet.
+    submitted = await client.post(
+        "/api/v1/jobs", json={"command": ["true"]}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert_error(submitted, 402, "insufficient_credit")
     await client.delete(f"/api/v1/orgs/{org['id']}/members/{admin.id}", headers=owner.headers)
+    assert_error(
+        await client.post(
+            "/api/v1/jobs", json={"command": ["true"]}, headers={"Authorization": f"Bearer {key}"}
+        ),
+        401,
+        "api_key_orphaned",
+    )
     assert_error(
         await client.get("/api/v1/orgs", headers={"Authorization": f"Bearer {key}"}),
         401,

@@ -21,7 +21,7 @@ from peergpu.server.schemas.orgs import (
     OrgsPublic,
     OrgUpdate,
 )
-from peergpu.server.services import orgs
+from peergpu.server.services import callers, orgs
 from peergpu.server.services.orgs import MemberView, OrgView
 
 router = APIRouter(tags=["orgs"], responses=AUTHENTICATED)
@@ -112,12 +112,19 @@ async def update_member(
     responses=errors(404, 409),
 )
 async def remove_member(
-    org_id: uuid.UUID, user_id: uuid.UUID, principal: Writer, session: SessionDep
+    org_id: uuid.UUID,
+    user_id: uuid.UUID,
+    principal: Writer,
+    session: SessionDep,
+    context: ContextDep,
 ) -> None:
-    """Remove a member, or leave (your own user id). The last owner cannot go."""
+    """Remove a member, or leave (your own user id). The last owner cannot go. The member's
+    keys for the organization stop working (on other replicas' hot routes within
+    ``services.callers.CACHE_SECONDS``)."""
     await orgs.remove_member(
         session=session, principal=principal, organization_id=org_id, user_id=user_id
     )
+    callers.forget_all(context)
 
 
 @router.post(

@@ -7,7 +7,8 @@ SHA-256, never the plaintext), so a busy key costs one lookup every few seconds 
 per request: on ``POST /api/v1/jobs`` that lookup was a fifth of the server's CPU per submit
 (``bench/submit.py``). The price: a key revoked or expired, or a user disabled, on another
 replica keeps working on these routes for up to :data:`CACHE_SECONDS`. On the replica that
-revoked it, the cache is emptied at once (:func:`forget_all`).
+revoked it (or removed the key's creator from its organization), the cache is emptied at
+once (:func:`forget_all`).
 """
 
 from __future__ import annotations
@@ -75,5 +76,6 @@ async def authenticate(context: ServerContext, token: str) -> Principal:
 
 
 def forget_all(context: ServerContext) -> None:
-    """After a key is revoked or a user disabled here: look every caller up again."""
+    """After a key is revoked, or a member removed from an organization, here: look every
+    caller up again."""
     context.principals.clear()
