@@ -11,11 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from peergpu.server.context import ServerContext
-from peergpu.server.db.models import UserModel
-from peergpu.server.security.api_keys import looks_like_api_key
 from peergpu.server.security.principal import Principal
 from peergpu.server.security.scopes import Scope
-from peergpu.server.services import api_keys
+from peergpu.server.services import callers
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -46,18 +44,17 @@ async def get_principal(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    if credentials is None or not credentials.credentials:
+    token = require_token(credentials.credentials if credentials else None)
+    return await callers.look_up(context, session, token)
+
+
+def require_token(token: str | None) -> str:
+    """The bearer token, or AuthenticationFailed (401) when none was sent."""
+    if not token:
         raise AuthenticationFailed(
             "Send 'Authorization: Bearer <access token or API key>'.", code="not_authenticated"
         )
-    token = credentials.credentials
-    if looks_like_api_key(token):
-        return await api_keys.authenticate_key(session=session, plaintext=token)
-    claims = context.access_tokens.verify(token)
-    user = await session.get(UserModel, claims.user_id)
-    if user is None or not user.is_active:
-        raise AuthenticationFailed("The account no longer exists or is disabled.")
-    return Principal.for_session(user)
+    return token
 
 
 def require_scope(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:

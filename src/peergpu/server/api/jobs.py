@@ -10,9 +10,15 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
-from peergpu.errors import AuthenticationFailed
 from peergpu.server.api.bare import bearer_token, documented, json_body
-from peergpu.server.api.deps import ContextDep, Reader, SessionDep, Writer, require_scope_of
+from peergpu.server.api.deps import (
+    ContextDep,
+    Reader,
+    SessionDep,
+    Writer,
+    require_scope_of,
+    require_token,
+)
 from peergpu.server.api.responses import AUTHENTICATED, errors
 from peergpu.server.context import ServerContext
 from peergpu.server.db.job_models import JobState
@@ -33,13 +39,15 @@ from peergpu.server.services.jobs import JobSpec
 router = APIRouter(tags=["jobs"], responses=AUTHENTICATED)
 
 ARTIFACT_URL_SECONDS = 3600
+_IDEMPOTENCY_KEY_MAX = 200
+_IDEMPOTENCY_KEY_DOC = "retrying a submit with the same key returns the same job"
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=200,
-        description="retrying a submit with the same key returns the same job",
+        max_length=_IDEMPOTENCY_KEY_MAX,
+        description=_IDEMPOTENCY_KEY_DOC,
     ),
 ]
 
@@ -82,8 +90,8 @@ _IDEMPOTENCY_PARAMETER = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "description": "retrying a submit with the same key returns the same job",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    "description": _IDEMPOTENCY_KEY_DOC,
+    "schema": {"type": "string", "minLength": 1, "maxLength": _IDEMPOTENCY_KEY_MAX},
 }
 
 
@@ -106,11 +114,7 @@ async def submit_job(request: Request) -> Response:
     checks in the same order as the dependencies would (401/403, then 422), with the caller
     remembered for a few seconds (``services.callers``)."""
     context: ServerContext = request.app.state.context
-    token = bearer_token(request)
-    if not token:
-        raise AuthenticationFailed(
-            "Send 'Authorization: Bearer <access token or API key>'.", code="not_authenticated"
-        )
+    token = require_token(bearer_token(request))
     principal = require_scope_of(await callers.authenticate(context, token), Scope.write)
     idempotency_key = _idempotency_key(request)
     _raw, _size, body = await json_body(request, JobCreate)
@@ -133,13 +137,13 @@ def _idempotency_key(request: Request) -> str | None:
     value = request.headers.get("idempotency-key")
     if value is None:
         return None
-    if not 1 <= len(value) <= 200:
+    if not 1 <= len(value) <= _IDEMPOTENCY_KEY_MAX:
         raise RequestValidationError(
             [
                 {
                     "type": "string_too_short" if not value else "string_too_long",
                     "loc": ("header", "Idempotency-Key"),
-                    "msg": "Idempotency-Key must be 1 to 200 characters long",
+                    "msg": f"Idempotency-Key must be 1 to {_IDEMPOTENCY_KEY_MAX} characters long",
                     "input": value,
                 }
             ]

@@ -17,6 +17,8 @@ import hashlib
 import time
 from typing import TYPE_CHECKING
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from peergpu.errors import AuthenticationFailed
 from peergpu.server.db.models import UserModel
 from peergpu.server.security.api_keys import looks_like_api_key
@@ -63,16 +65,21 @@ async def authenticate(context: ServerContext, token: str) -> Principal:
     if cached is not None:
         return cached
     async with context.sessionmaker() as session:
-        if looks_like_api_key(token):
-            principal = await api_keys.authenticate_key(session=session, plaintext=token)
-        else:
-            claims = context.access_tokens.verify(token)
-            user = await session.get(UserModel, claims.user_id)
-            if user is None or not user.is_active:
-                raise AuthenticationFailed("The account no longer exists or is disabled.")
-            principal = Principal.for_session(user)
+        principal = await look_up(context, session, token)
     cache.put(digest, principal)
     return principal
+
+
+async def look_up(context: ServerContext, session: AsyncSession, token: str) -> Principal:
+    """The caller behind ``token`` (an API key or an access token), read in ``session``;
+    AuthenticationFailed if it is unusable. Every route's authentication ends here."""
+    if looks_like_api_key(token):
+        return await api_keys.authenticate_key(session=session, plaintext=token)
+    claims = context.access_tokens.verify(token)
+    user = await session.get(UserModel, claims.user_id)
+    if user is None or not user.is_active:
+        raise AuthenticationFailed("The account no longer exists or is disabled.")
+    return Principal.for_session(user)
 
 
 def forget_all(context: ServerContext) -> None:
