@@ -17,13 +17,14 @@ from datetime import timedelta
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from peergpu.config import ServerSettings
 from peergpu.errors import Conflict, InvalidInput, NotFound
 from peergpu.server.agents import dispatch
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.bulk import insert_rows
+from peergpu.server.db.bulk import insert_rows, table_of
 from peergpu.server.db.job_models import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -46,27 +47,15 @@ _IMAGE = re.compile(
     r"(?:@sha256:[0-9a-f]{64})?$"
 )
 RESERVED_ENV_PREFIX = "PEERGPU_"
-#: The columns of a new job that only an assignment or its end sets (what the ORM's defaults
-#: would fill), so the job submit returns has every attribute without a read.
-_UNASSIGNED: dict[str, object] = {
-    "attempt": 0,
-    "host_id": None,
-    "price_per_gpu_hour_micros": None,
-    "manifest_nonce": None,
-    "assigned_at": None,
-    "ack_deadline": None,
-    "acked_at": None,
-    "started_at": None,
-    "finished_at": None,
-    "missing_since": None,
-    "exit_code": None,
-    "failure_reason": None,
-    "message": "",
-    "duration_seconds": None,
-    "peak_memory_bytes": None,
-    "cpu_seconds": None,
-    "last_log_seq": None,
-    "logs_archived": False,
+#: Every column of ``jobs`` whose default is a constant (or that has none: ``None``), as a new
+#: row gets it. Submit's Core INSERT sets the rest, so the job it returns, built from the row,
+#: has every attribute without a read, and follows the model's defaults as they change.
+_CONSTANT_DEFAULTS: dict[str, object] = {
+    column.key: column.default.arg
+    if isinstance(column.default, ScalarElementColumnDefault)
+    else None
+    for column in table_of(JobModel).columns
+    if column.default is None or column.default.is_scalar
 }
 
 
@@ -132,6 +121,7 @@ async def submit(
         context.credit_seen.remember(wallet)
     now = utcnow()
     row = {
+        **_CONSTANT_DEFAULTS,
         "id": uuid.uuid4(),
         "owner_id": principal.user_id,
         "org_id": org_id,
@@ -160,7 +150,6 @@ async def submit(
         "queue_expires_at": now + timedelta(seconds=settings.job_queue_timeout_seconds),
         "excluded_host_ids": [],
         "gpu_indices": [],
-        **_UNASSIGNED,
     }
     # Core INSERTs, not the ORM's unit of work: this is the busiest write of the API, and the
     # flush was a fifth of its CPU (bench/submit.py). The job returned is built from the row.
