@@ -29,5 +29,4 @@ async def insert_rows(
     if not rows:
         return
     await session.flush()
-    connection = await session.connection()  # Core on the session's connection: no ORM layer
-    await connection.execute(insert(table_of(model)), rows[0] if len(rows) == 1 else list(rows))
+    await session.execute(insert(table_of(model)), list(rows))
