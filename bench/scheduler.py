@@ -667,9 +667,10 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
             )
             statements: list[tuple[str, Any]] = []
             if row is not None and job_id is not None:
-                statements.append(
-                    ("claim UPDATE (one GPU)", scheduler.claim_statement({row[0]: job_id}))
+                claim = scheduler.claim_statement(
+                    {row[0]: job_id}, postgresql=not settings.is_sqlite
                 )
+                statements.append(("claim UPDATE (one GPU)", claim))
             heads_statement = job_queue.heads_statement(
                 batch_size, skip_scan=not settings.is_sqlite
             )
@@ -686,8 +687,11 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
                 )
             notes = []
             for label, statement in statements:
+                statement, parameters = (
+                    statement if isinstance(statement, tuple) else (statement, {})
+                )
                 try:
-                    notes.append(await _plan(session, settings, label, statement))
+                    notes.append(await _plan(session, settings, label, statement, parameters))
                 except Exception as exc:  # noqa: BLE001 - a plan is a note; the figures stand
                     await session.rollback()
                     notes.append(f"{label}: no plan ({exc!r:.200})")
@@ -696,7 +700,22 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
     return notes
 
 
-async def _plan(session: Any, settings: ServerSettings, label: str, statement: Any) -> str:
+async def _plan(
+    session: Any, settings: ServerSettings, label: str, statement: Any, parameters: dict[str, Any]
+) -> str:
+    if parameters:  # PostgreSQL's claim takes arrays, which have no literal form: bind them
+        compiled = statement.compile(dialect=session.bind.dialect)
+        connection = await session.connection()
+        started = time.perf_counter()
+        result = await connection.exec_driver_sql(
+            "EXPLAIN ANALYZE " + str(compiled),
+            tuple(parameters[name] for name in compiled.positiontup),
+        )
+        elapsed = time.perf_counter() - started
+        plan = [str(r[0]).strip() for r in result]
+        plan = [p for p in plan if not p.startswith(("Trigger", "Planning"))]
+        await session.rollback()
+        return f"{label}: {elapsed * 1000:.1f} ms, plan: " + " / ".join(plan[:10])
     sql = str(
         statement.compile(dialect=session.bind.dialect, compile_kwargs={"literal_binds": True})
     )

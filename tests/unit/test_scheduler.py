@@ -156,6 +156,52 @@ async def test_concurrent_schedulers_never_double_assign(settings: Any) -> None:
             await context.close()
 
 
+async def test_a_claim_takes_only_free_gpus_and_skips_rows_another_pass_holds(
+    context: ServerContext,
+) -> None:
+    """The claim statement sets each free GPU to its own job and returns what it set; a GPU
+    already taken keeps its job, and on PostgreSQL a GPU another pass has locked is skipped
+    at once (no wait), so the two passes never block each other."""
+    owner = await make_renter(context)
+    host = await make_host(context, owner, price=1, gpus=[("T4", 16000)] * 4)
+    jobs = [await make_job(context, owner) for _ in range(4)]
+    async with context.sessionmaker() as session:
+        gpus = list(
+            await session.scalars(
+                select(HostGpuModel.id)
+                .where(HostGpuModel.host_id == host)
+                .order_by(HostGpuModel.index)
+            )
+        )
+        await session.execute(
+            update(HostGpuModel).where(HostGpuModel.id == gpus[0]).values(job_id=jobs[0])
+        )
+        await session.commit()
+    postgresql = not context.settings.is_sqlite
+    async with contextlib.AsyncExitStack() as stack:
+        if postgresql:  # another pass holds GPU 1 (SQLite has no row locks)
+            other = await stack.enter_async_context(context.sessionmaker())
+            await other.execute(
+                select(HostGpuModel.id).where(HostGpuModel.id == gpus[1]).with_for_update()
+            )
+        wanted = {gpus[0]: jobs[1], gpus[1]: jobs[1], gpus[2]: jobs[2], gpus[3]: jobs[3]}
+        statement, parameters = scheduler.claim_statement(wanted, postgresql=postgresql)
+        async with context.sessionmaker() as session:
+            result = await asyncio.wait_for(session.execute(statement, parameters), 5)
+            claimed = dict(result.all())
+            await session.commit()
+    expected = {gpus[2]: jobs[2], gpus[3]: jobs[3]}
+    if not postgresql:
+        expected[gpus[1]] = jobs[1]
+    assert claimed == expected
+    async with context.sessionmaker() as session:
+        rows = await session.execute(
+            select(HostGpuModel.id, HostGpuModel.job_id).where(HostGpuModel.host_id == host)
+        )
+        holders = dict(rows.all())
+    assert holders == {gpus[0]: jobs[0], gpus[1]: expected.get(gpus[1]), **expected}
+
+
 async def test_unacknowledged_manifest_goes_back_to_the_queue(context: ServerContext) -> None:
     owner = await make_renter(context)
     silent = await make_host(context, owner, price=1, gpus=[("T4", 16000)])
