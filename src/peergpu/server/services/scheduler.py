@@ -6,11 +6,13 @@ jobs it assigns:
 1. Stop at once if no online, unpaused, priced host has a free GPU.
 2. Take a batch of queued jobs in queue order: priority first, then fair share (each renter's
    oldest job before anyone's second), then age. The read is bounded: only the renters whose
-   oldest job could make the batch, and only their first ``batch`` jobs each, are ranked (the
-   index ``ix_jobs_fair_queue`` serves both), never the whole queue. On PostgreSQL the chosen
-   rows are then locked with ``FOR UPDATE SKIP LOCKED``, so schedulers on other replicas take
-   other jobs. Then read the free GPUs in ranking order, only the cheapest few times what the
-   batch asks for; everything only if a job finds no host among those.
+   oldest job could make the batch, and only each one's fair share of the batch (their first
+   ``batch`` jobs when one renter must fill in for the others), are ranked (the index
+   ``ix_jobs_fair_queue`` serves both; see ``job_queue``), never the whole queue. On
+   PostgreSQL the chosen rows are then locked with ``FOR UPDATE SKIP LOCKED``, so schedulers
+   on other replicas take other jobs. Then read the free GPUs in ranking order, only the
+   cheapest few times what the batch asks for; everything only if a job finds no host among
+   those.
 3. Match in memory: for each job the cheapest eligible host, then the most reliable, then the
    least loaded, among hosts with enough free GPUs of the right model and VRAM.
    While matching, each job's wallet must cover its hold on the chosen host (price x GPUs x
@@ -366,9 +368,7 @@ def _free_query(*, limited: bool) -> Any:
     return query.limit(bindparam("free_limit", type_=Integer)) if limited else query
 
 
-def _match(
-    job: QueuedJob, ranked: list[_Host], start: int = 0
-) -> tuple[_Host, list[Gpu]] | None:
+def _match(job: QueuedJob, ranked: list[_Host], start: int = 0) -> tuple[_Host, list[Gpu]] | None:
     """The first host from ``ranked[start]`` on that can run the job, and the GPUs it gets."""
     runner = "docker" if job.image else "process"
     wanted_models = [m.lower() for m in job.gpu_models or ()]
