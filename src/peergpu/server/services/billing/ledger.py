@@ -19,13 +19,14 @@ Accounts are created on first use from their code (see :mod:`.accounts`).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import BigInteger, String, bindparam, case, column, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -212,26 +213,35 @@ async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, 
     if not touched:
         return
     short: list[dict[str, Any]] = []
-    for start in range(0, len(touched), _CHUNK):
-        chunk = touched[start : start + _CHUNK]
+    if _dialect(session) == "postgresql":
+        # One statement, always the same: the deltas travel as two arrays. A CASE of one
+        # branch per account was compiled anew for every batch of holds and settlements.
         moved = await session.execute(
-            update(LedgerAccountModel)
-            .where(LedgerAccountModel.code.in_(chunk))
-            .values(
-                balance_micros=LedgerAccountModel.balance_micros
-                + case(
-                    *((LedgerAccountModel.code == code, deltas[code]) for code in chunk),
-                    else_=0,
-                ),
-                updated_at=now,
-            )
-            .returning(
-                LedgerAccountModel.code,
-                LedgerAccountModel.balance_micros,
-                LedgerAccountModel.allow_negative,
-            )
-            .execution_options(synchronize_session=False)
+            _move_by_arrays(),
+            {"codes": touched, "amounts": [deltas[code] for code in touched], "now": now},
         )
+        chunks = [moved]
+    else:
+        chunks = []
+        for start in range(0, len(touched), _CHUNK):
+            chunk = touched[start : start + _CHUNK]
+            chunks.append(
+                await session.execute(
+                    update(LedgerAccountModel)
+                    .where(LedgerAccountModel.code.in_(chunk))
+                    .values(
+                        balance_micros=LedgerAccountModel.balance_micros
+                        + case(
+                            *((LedgerAccountModel.code == code, deltas[code]) for code in chunk),
+                            else_=0,
+                        ),
+                        updated_at=now,
+                    )
+                    .returning(*_MOVED)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+    for moved in chunks:
         for code, balance, allow_negative in moved:
             if balance < 0 and not allow_negative and code not in exempt and deltas[code] < 0:
                 short.append({"account": code, "balance_micros": int(balance) - deltas[code]})
@@ -242,6 +252,37 @@ async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, 
             f"{format_usd(first['balance_micros'])}.",
             details={"accounts": short},
         )
+
+
+_MOVED = (
+    LedgerAccountModel.code,
+    LedgerAccountModel.balance_micros,
+    LedgerAccountModel.allow_negative,
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _move_by_arrays() -> Any:
+    """PostgreSQL: ``UPDATE ledger_accounts SET balance_micros = balance_micros + delta FROM
+    unnest(:codes, :amounts) AS deltas(code, delta)``, returning the new balances."""
+    deltas = (
+        func.unnest(
+            bindparam("codes", type_=postgresql.ARRAY(String())),
+            bindparam("amounts", type_=postgresql.ARRAY(BigInteger())),
+        )
+        .table_valued(column("code", String()), column("delta", BigInteger()))
+        .render_derived(name="deltas")
+    )
+    return (
+        update(LedgerAccountModel)
+        .where(LedgerAccountModel.code == deltas.c.code)
+        .values(
+            balance_micros=LedgerAccountModel.balance_micros + deltas.c.delta,
+            updated_at=bindparam("now", type_=LedgerAccountModel.updated_at.type),
+        )
+        .returning(*_MOVED)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def insert_ignoring_duplicates(session: AsyncSession, model: Any, column: str) -> Any:
