@@ -119,8 +119,7 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
     fresh = [p for p in postings if ids[p.key] in new_ids]
     if fresh:
         entries = [
-            {
-                "id": uuid.uuid4(),
+            {  # the entry's id is made where it is inserted (see ``bulk.insert_rows``)
                 "transaction_id": ids[p.key],
                 "account_code": code,
                 "amount_micros": amount,
