@@ -682,9 +682,7 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
                 statements.append(
                     (
                         f"queue-order SELECT ({len(heads)} renter queues)",
-                        job_queue.order_statement(
-                            heads, job_queue.first_read(batch_size, len(heads))
-                        ),
+                        job_queue.order_statement(heads, job_queue.first_read(batch_size, heads)),
                     )
                 )
             notes = []

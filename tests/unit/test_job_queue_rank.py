@@ -30,20 +30,35 @@ def _ranked(rows: list[tuple]) -> list[uuid.UUID]:
     return [key[3] for key in sorted(keyed)]
 
 
-def _firsts(rows: list[tuple], per_queue: int) -> list[tuple]:
-    """What ``order_query`` reads: each queue's first ``per_queue`` jobs."""
+def _firsts(rows: list[tuple], limits: dict[int, int]) -> list[tuple]:
+    """What ``order_query`` reads: each queue's first ``limits[priority]`` jobs."""
     queues: dict[tuple, list[tuple]] = {}
     for row in sorted(rows, key=lambda r: (r[3], r[0])):
         queues.setdefault((row[1], row[2]), []).append(row)
-    return [row for jobs in queues.values() for row in jobs[:per_queue]]
+    return [row for (_o, p), jobs in queues.items() for row in jobs[: limits[p]]]
+
+
+def _heads(rows: list[tuple]) -> list[tuple]:
+    return sorted({(r[1], r[2]) for r in rows}, key=lambda h: -h[1])
 
 
 def test_even_queues_are_told_from_their_fair_share() -> None:
     rng = random.Random(1)
     rows = [row for _ in range(20) for row in _queue(uuid.uuid4(), 0, 60, rng)]
-    per_queue = job_queue.first_read(100, 20)
-    assert per_queue == 6
-    assert job_queue.rank(_firsts(rows, per_queue), 100, per_queue) == _ranked(rows)[:100]
+    limits = job_queue.first_read(100, _heads(rows))
+    assert limits == {0: 6}
+    assert job_queue.rank(_firsts(rows, limits), 100, limits) == _ranked(rows)[:100]
+
+
+def test_a_higher_priority_is_read_by_its_own_share() -> None:
+    """20 renters with a few urgent jobs each and many ordinary ones (the benchmark's
+    queue): the batch is all urgent jobs, 20 of each renter's, told from the first read."""
+    rng = random.Random(3)
+    owners = [uuid.uuid4() for _ in range(20)]
+    rows = [row for o in owners for row in _queue(o, 1, 30, rng) + _queue(o, 0, 300, rng)]
+    limits = job_queue.first_read(400, _heads(rows))
+    assert limits == {1: 21, 0: 21}
+    assert job_queue.rank(_firsts(rows, limits), 400, limits) == _ranked(rows)[:400]
 
 
 def test_a_lopsided_queue_asks_for_more() -> None:
@@ -53,9 +68,9 @@ def test_a_lopsided_queue_asks_for_more() -> None:
     big = _queue(uuid.uuid4(), 0, 50, rng)
     small = [row for _ in range(3) for row in _queue(uuid.uuid4(), 0, 1, rng)]
     rows = big + small
-    per_queue = job_queue.first_read(10, 4)
-    assert job_queue.rank(_firsts(rows, per_queue), 10, per_queue) is None
-    assert job_queue.rank(_firsts(rows, 10), 10, 10) == _ranked(rows)[:10]
+    limits = job_queue.first_read(10, _heads(rows))
+    assert job_queue.rank(_firsts(rows, limits), 10, limits) is None
+    assert job_queue.rank(_firsts(rows, {0: 10}), 10, {0: 10}) == _ranked(rows)[:10]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -70,9 +85,9 @@ def test_an_answer_is_always_the_whole_ranking_s_first_jobs(seed: int) -> None:
     ]
     expected = _ranked(rows)
     size = rng.choice([1, 3, 10, 40, 200])
-    queues = len({(r[1], r[2]) for r in rows})
-    per_queue = job_queue.first_read(size, queues)
-    answer = job_queue.rank(_firsts(rows, per_queue), size, per_queue)
+    limits = job_queue.first_read(size, _heads(rows))
+    answer = job_queue.rank(_firsts(rows, limits), size, limits)
     if answer is not None:
         assert answer == expected[:size]
-    assert job_queue.rank(_firsts(rows, size), size, size) == expected[:size]
+    everything = dict.fromkeys(limits, size)
+    assert job_queue.rank(_firsts(rows, everything), size, everything) == expected[:size]

@@ -432,7 +432,7 @@ async def test_the_queue_read_takes_more_renter_queues_than_one_compound_select_
     job_id = await make_job(context, owner)
     heads = [(uuid.uuid4(), 0) for _ in range(1200)] + [(owner, 0)]
     async with context.sessionmaker() as session:
-        ids = list(await session.scalars(job_queue.order_statement(heads, 5000)))
+        ids = list(await session.scalars(job_queue.order_statement(heads, {0: 5000})))
     assert ids == [job_id]
 
 

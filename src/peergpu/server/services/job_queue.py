@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import (
     BindParameter,
     CompoundSelect,
+    Integer,
     Select,
     bindparam,
     func,
@@ -143,26 +144,32 @@ def heads_query(size: int, *, skip_scan: bool, skipping: bool) -> Select[uuid.UU
 
 
 def order_statement(
-    heads: Sequence[tuple[uuid.UUID, int]], per_queue: int
+    heads: Sequence[tuple[uuid.UUID, int]], limits: Mapping[int, int]
 ) -> Select[Any] | CompoundSelect[Any]:
     """:func:`order_query` for ``heads``, with their values bound, ready to execute."""
-    return order_query(len(heads), per_queue).params(order_parameters(heads))
+    return order_query(len(heads)).params(order_parameters(heads, limits))
 
 
-def order_parameters(heads: Sequence[tuple[uuid.UUID, int]]) -> dict[str, Any]:
+def order_parameters(
+    heads: Sequence[tuple[uuid.UUID, int]], limits: Mapping[int, int]
+) -> dict[str, Any]:
+    """The parameters of :func:`order_query`: each queue, and how many of its jobs to read
+    (``limits``, by priority)."""
     parameters: dict[str, Any] = {}
     for number, (owner, priority) in enumerate(heads):
         parameters[f"owner_{number}"] = owner
         parameters[f"priority_{number}"] = priority
+        parameters[f"limit_{number}"] = limits[priority]
     return parameters
 
 
 @functools.lru_cache(maxsize=64)
-def order_query(count: int, per_queue: int) -> Select[Any] | CompoundSelect[Any]:
-    """``(id, owner_id, priority, created_at)`` of the first ``per_queue`` queued jobs of each
-    of ``count`` queues (one index range each; the queues are the parameters ``owner_<n>`` and
-    ``priority_<n>``, see :func:`order_parameters`), unranked: :func:`rank` ranks them. Built
-    once per shape and reused: building it for 20 queues cost ~6.6 ms of CPU."""
+def order_query(count: int) -> Select[Any] | CompoundSelect[Any]:
+    """``(id, owner_id, priority, created_at)`` of the first queued jobs of each of ``count``
+    queues (one index range each; the queues and how many jobs of each are the parameters
+    ``owner_<n>``, ``priority_<n>`` and ``limit_<n>``, see :func:`order_parameters`),
+    unranked: :func:`rank` ranks them. Built once per count and reused: building it for 20
+    queues cost ~6.6 ms of CPU."""
     firsts = [
         select(JobModel.id, JobModel.owner_id, JobModel.priority, JobModel.created_at)
         .where(
@@ -171,7 +178,7 @@ def order_query(count: int, per_queue: int) -> Select[Any] | CompoundSelect[Any]
             JobModel.priority == bindparam(f"priority_{number}", type_=JobModel.priority.type),
         )
         .order_by(JobModel.created_at, JobModel.id)
-        .limit(per_queue)
+        .limit(bindparam(f"limit_{number}", type_=Integer))
         .subquery()
         .select()
         for number in range(count)
@@ -185,10 +192,12 @@ def order_query(count: int, per_queue: int) -> Select[Any] | CompoundSelect[Any]
     return firsts[0] if len(firsts) == 1 else union_all(*firsts)
 
 
-def rank(rows: Iterable[Sequence[Any]], size: int, per_queue: int) -> list[uuid.UUID] | None:
+def rank(
+    rows: Iterable[Sequence[Any]], size: int, limits: Mapping[int, int]
+) -> list[uuid.UUID] | None:
     """The first ``size`` job ids in queue order among ``rows`` (``(id, owner_id, priority,
-    created_at)``, at most ``per_queue`` of each queue, as :func:`order_query` reads them);
-    None when that cannot be told from them: a queue that was cut at ``per_queue`` might
+    created_at)``, at most ``limits[priority]`` of each queue, as :func:`order_query` reads
+    them); None when that cannot be told from them: a queue that was cut at its limit might
     hold a job the batch should have."""
     queues: dict[tuple[Any, int], list[tuple[datetime, Any]]] = {}
     for job_id, owner, priority, created in rows:
@@ -201,22 +210,28 @@ def rank(rows: Iterable[Sequence[Any]], size: int, per_queue: int) -> list[uuid.
             (-priority, turn, created, job_id)
             for turn, (created, job_id) in enumerate(jobs, start=1)
         )
-        if len(jobs) >= per_queue:
+        if len(jobs) >= limits[priority] and limits[priority] < size:
             # The queue's next, unread job comes after its last read one: it ranks at least
             # here (one turn later, no younger).
             created, job_id = jobs[-1]
             bounds.append((-priority, len(jobs) + 1, created, job_id))
     keyed.sort()
     top = keyed[:size]
-    # A queue cut at ``size`` cannot: its own first ``size`` jobs all rank before the rest.
-    if per_queue < size and bounds and (len(top) < size or min(bounds) < top[-1]):
+    # (A queue cut at ``size`` cannot: its own first ``size`` jobs all rank before the rest.)
+    if bounds and (len(top) < size or min(bounds) < top[-1]):
         return None
     return [key[3] for key in top]
 
 
-def first_read(size: int, queues: int) -> int:
-    """How many jobs of each queue a batch's first read takes: its fair share, plus one."""
-    return min(size, -(-size // max(queues, 1)) + 1)
+def first_read(size: int, heads: Sequence[tuple[uuid.UUID, int]]) -> dict[int, int]:
+    """How many jobs of each queue a batch's first read takes, by priority: the queue's fair
+    share of the batch among the queues of its priority (plus one). A lower priority's jobs
+    join the batch only where the higher ones run out, so its share is counted as if it had
+    the batch to itself."""
+    queues: dict[int, int] = {}
+    for _owner, priority in heads:
+        queues[priority] = queues.get(priority, 0) + 1
+    return {priority: min(size, -(-size // count) + 1) for priority, count in queues.items()}
 
 
 async def read_jobs(
@@ -245,11 +260,11 @@ async def take_batch(
     # ``size`` rows, not ``size`` for every renter (20,000 rows for a batch of 1,000 over 20
     # renters). Only a lopsided queue, where one renter's jobs must fill what the others
     # cannot, needs its first ``size`` jobs read, and then they are.
-    parameters = order_parameters(heads)
-    per_queue = first_read(size, len(heads))
-    rows = await session.execute(order_query(len(heads), per_queue), parameters)
-    ids = rank(rows, size, per_queue)
+    limits = first_read(size, heads)
+    rows = await session.execute(order_query(len(heads)), order_parameters(heads, limits))
+    ids = rank(rows, size, limits)
     if ids is None:
-        rows = await session.execute(order_query(len(heads), size), parameters)
-        ids = rank(rows, size, size) or []
+        limits = dict.fromkeys(limits, size)
+        rows = await session.execute(order_query(len(heads)), order_parameters(heads, limits))
+        ids = rank(rows, size, limits) or []
     return await read_jobs(session, ids, lock=True)
