@@ -1371,7 +1371,7 @@ def _instrument(recorder: _Recorder) -> None:
 
     from peergpu.server import context as context_module
     from peergpu.server.agents import hub
-    from peergpu.server.services import job_states, scheduler
+    from peergpu.server.services import job_writer, scheduler
 
     # ``context`` imported ``create_engine`` by name: wrap it where ``ServerContext`` looks.
     original_engine = context_module.create_engine  # type: ignore[attr-defined]
@@ -1454,19 +1454,17 @@ def _instrument(recorder: _Recorder) -> None:
     scheduler._pass = one_pass
     scheduler._dispatch = dispatch
 
-    # The submit's commit: ``jobs.submit`` calls ``notify`` (the wake-up) right after it.
-    # Stamped there, not when ``jobs.submit`` returns: the scheduler (on another replica with
-    # --scheduler-replica) may have assigned the job during that publish.
-    original_notify = job_states.notify
+    # The submit's commit: the job writer announces a batch (its wake-up) right after its
+    # commit. Stamped there, not when ``jobs.submit`` returns: the scheduler (on another
+    # replica with --scheduler-replica) may have assigned the job during that publish.
+    original_announce = job_writer.JobWriter._announce
 
-    async def notify(
-        context: Any, job_id: Any, state: Any, *, wake_scheduler: bool = False
-    ) -> None:
-        if wake_scheduler and state == JobState.queued:
-            recorder.submits.append((str(job_id), time.time()))
-        await original_notify(context, job_id, state, wake_scheduler=wake_scheduler)
+    async def announce(self: Any, job_ids: list[Any]) -> None:
+        at = time.time()
+        recorder.submits.extend((str(job_id), at) for job_id in job_ids)
+        await original_announce(self, job_ids)
 
-    job_states.notify = notify
+    job_writer.JobWriter._announce = announce  # type: ignore[method-assign]
 
     original_send = hub._Socket.send
 

@@ -17,6 +17,7 @@ from peergpu.server.security.tokens import AccessTokens
 from peergpu.server.services.billing.usage_writer import CreditCache, UsageRecorder
 from peergpu.server.services.callers import PrincipalCache
 from peergpu.server.services.email import Mailer, create_mailer
+from peergpu.server.services.job_writer import JobWriter
 from peergpu.server.storage import ObjectStore, create_object_store, derive_storage_secret
 
 #: Seconds a wallet found with credit is not asked again by submit's no-credit check.
@@ -37,6 +38,8 @@ class ServerContext:
     storage: ObjectStore
     #: Inference usage rows, group-committed (the app's lifespan starts and closes it).
     usage: UsageRecorder
+    #: New jobs, group-committed (``services.job_writer``).
+    job_writer: JobWriter
     #: Callers of the hot routes, remembered for a few seconds (``services.callers``).
     principals: PrincipalCache = field(default_factory=PrincipalCache)
     #: Wallets that had some credit a moment ago: submit's no-credit check skips its query.
@@ -46,11 +49,12 @@ class ServerContext:
     def build(cls, settings: ServerSettings) -> ServerContext:
         engine = create_engine(settings)
         sessionmaker = create_sessionmaker(engine)
+        bus = create_bus(settings)
         return cls(
             settings=settings,
             engine=engine,
             sessionmaker=sessionmaker,
-            bus=create_bus(settings),
+            bus=bus,
             rate_limiter=create_rate_limiter(settings),
             passwords=PasswordHashing(
                 time_cost=settings.argon2_time_cost,
@@ -66,9 +70,11 @@ class ServerContext:
                 settings, secret=derive_storage_secret(settings.resolved_secret_key())
             ),
             usage=UsageRecorder(sessionmaker),
+            job_writer=JobWriter(sessionmaker, bus, sqlite=settings.is_sqlite),
         )
 
     async def close(self) -> None:
+        await self.job_writer.close()  # writes what is queued: needs the database and bus
         await self.usage.close()  # writes what is buffered: needs the database
         await self.storage.close()
         await self.rate_limiter.close()

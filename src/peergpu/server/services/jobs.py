@@ -24,7 +24,7 @@ from peergpu.errors import Conflict, InvalidInput, NotFound
 from peergpu.server.agents import dispatch
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.bulk import insert_rows, table_of
+from peergpu.server.db.bulk import table_of
 from peergpu.server.db.job_models import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -151,38 +151,31 @@ async def submit(
         "excluded_host_ids": [],
         "gpu_indices": [],
     }
-    # Core INSERTs, not the ORM's unit of work: this is the busiest write of the API, and the
-    # flush was a fifth of its CPU (bench/submit.py). The job returned is built from the row.
+    event = {
+        "job_id": row["id"],
+        "at": now,
+        "from_state": None,
+        "to_state": JobState.queued.value,
+        "reason": "submit",
+        "message": "",
+        "host_id": None,
+    }
+    if session.in_transaction():  # the checks' reads: no connection held while waiting
+        await session.rollback()
+    # Group-committed with the submits around it (``services.job_writer``): Core INSERTs of
+    # every waiting job and event, one commit, one wake-up. The job returned is built from
+    # the row.
     try:
-        await insert_rows(session, JobModel, [row])
+        await context.job_writer.write(row, event)
     except IntegrityError:
         # Two submits with one key raced; the other one won.
-        await session.rollback()
         if idempotency_key is None:
             raise
         existing = await _by_idempotency_key(session, principal.user_id, idempotency_key)
         if existing is None:
             raise
         return _replayed(existing, fingerprint), False
-    await insert_rows(
-        session,
-        JobEventModel,
-        [
-            {
-                "job_id": row["id"],
-                "at": now,
-                "from_state": None,
-                "to_state": JobState.queued.value,
-                "reason": "submit",
-                "message": "",
-                "host_id": None,
-            }
-        ],
-    )
-    await session.commit()
-    job = JobModel(**row)
-    await job_states.notify(context, job.id, JobState.queued, wake_scheduler=True)
-    return job, True
+    return JobModel(**row), True
 
 
 async def estimate(

@@ -22,8 +22,9 @@ jobs it assigns:
    PostgreSQL over rows locked with ``SKIP LOCKED``) that returns what it claimed. A job whose
    claim came up short (another replica got a GPU first) gives back what it got and waits for
    the next pass.
-5. ``queued -> assigned`` for every claimed job in one executemany UPDATE (conditional on
-   ``queued``: a job cancelled meanwhile is noticed and its GPUs given back), one
+5. ``queued -> assigned`` for every claimed job in one UPDATE over arrays on PostgreSQL, an
+   executemany on SQLite (conditional on ``queued``: a job cancelled meanwhile is noticed
+   and its GPUs given back), one
    ``job_events`` INSERT, the holds of the jobs assigned, one commit.
 6. After the commit, sign one manifest per assignment and publish them all, with the state
    changes, in one round trip; whichever replica holds a host's socket sends its manifest.
@@ -50,6 +51,7 @@ from typing import Any
 
 from sqlalchemy import (
     Integer,
+    Text,
     any_,
     bindparam,
     case,
@@ -432,6 +434,72 @@ def _match_all(
     return matches, waiting
 
 
+def _assigned_values(now: Any, deadline: Any) -> dict[str, Any]:
+    """What ``queued -> assigned`` sets besides each job's own values."""
+    return {
+        "state": _ASSIGNED,
+        "updated_at": now,
+        "assigned_at": now,
+        "ack_deadline": deadline,
+        "message": "",
+        "acked_at": None,
+        "missing_since": None,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _assign_each() -> Any:
+    """``queued -> assigned`` for one job (SQLite, run as an executemany)."""
+    return (
+        update(JobModel)
+        .where(JobModel.id == bindparam("b_id"), JobModel.state == _QUEUED)
+        .values(
+            **_assigned_values(bindparam("b_now"), bindparam("b_deadline")),
+            host_id=bindparam("b_host_id"),
+            gpu_indices=bindparam("b_gpu_indices", type_=JobModel.gpu_indices.type),
+            price_per_gpu_hour_micros=bindparam("b_price"),
+            attempt=bindparam("b_attempt"),
+            manifest_nonce=bindparam("b_nonce"),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _assign_by_arrays() -> Any:
+    """PostgreSQL: ``queued -> assigned`` for every job of a pass in one UPDATE ... FROM
+    unnest(...), returning the ids of the jobs it changed."""
+    columns = (
+        ("ids", "id", JobModel.id.type),
+        ("hosts", "host_id", JobModel.host_id.type),
+        ("indices", "gpu_indices", Text()),
+        ("prices", "price", JobModel.price_per_gpu_hour_micros.type),
+        ("attempts", "attempt", JobModel.attempt.type),
+        ("nonces", "nonce", JobModel.manifest_nonce.type),
+    )
+    values = (
+        func.unnest(*(bindparam(param, type_=pg.ARRAY(kind)) for param, _name, kind in columns))
+        .table_valued(*(column(name, kind) for _param, name, kind in columns))
+        .render_derived(name="assigned")
+    )
+    return (
+        update(JobModel)
+        .where(JobModel.id == values.c.id, JobModel.state == _QUEUED)
+        .values(
+            **_assigned_values(
+                bindparam("now", type_=JobModel.updated_at.type),
+                bindparam("deadline", type_=JobModel.ack_deadline.type),
+            ),
+            host_id=values.c.host_id,
+            gpu_indices=cast(values.c.gpu_indices, JobModel.gpu_indices.type),
+            price_per_gpu_hour_micros=values.c.price,
+            attempt=values.c.attempt,
+            manifest_nonce=values.c.nonce,
+        )
+        .returning(JobModel.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def _wallet(job: QueuedJob) -> str:
     return billing_accounts.wallet_of(owner_id=job.owner_id, org_id=job.org_id)
 
@@ -519,7 +587,8 @@ async def _claim(session: AsyncSession, matches: list[_Match]) -> list[_Match]:
 async def _assign(
     session: AsyncSession, matches: list[_Match], *, now: datetime, deadline: datetime
 ) -> list[Assignment]:
-    """``queued -> assigned`` for every match: one executemany UPDATE, one events INSERT."""
+    """``queued -> assigned`` for every match: one UPDATE (an executemany on SQLite), one
+    events INSERT."""
     if not matches:
         return []
     rows: list[dict[str, Any]] = []
@@ -534,46 +603,51 @@ async def _assign(
                 "b_nonce": secrets.token_hex(16),
             }
         )
-    # Core executemany (the ORM would read a list of rows as an update by primary key).
-    connection = await session.connection()
-    result = await connection.execute(
-        update(JobModel)
-        .where(JobModel.id == bindparam("b_id"), JobModel.state == _QUEUED)
-        .values(
-            state=_ASSIGNED,
-            updated_at=now,
-            host_id=bindparam("b_host_id"),
-            gpu_indices=bindparam("b_gpu_indices", type_=JobModel.gpu_indices.type),
-            price_per_gpu_hour_micros=bindparam("b_price"),
-            attempt=bindparam("b_attempt"),
-            manifest_nonce=bindparam("b_nonce"),
-            assigned_at=now,
-            ack_deadline=deadline,
-            message="",
-            acked_at=None,
-            missing_since=None,
-        ),
-        rows,
-    )
-    if result.rowcount != len(rows):
-        # Unknown (asyncpg reports no executemany count) or short: a job was cancelled between
-        # the read and the write (SQLite has no row locks). Believe only the nonces that landed.
+    if session.get_bind().dialect.name == "postgresql":
+        # One UPDATE over arrays, returning the jobs it changed: an executemany was one
+        # statement per job inside PostgreSQL, and reports no count, so every pass then read
+        # the nonces back to see which landed.
         landed = set(
             await session.scalars(
-                select(JobModel.id).where(
-                    JobModel.id.in_([r["b_id"] for r in rows]),
-                    JobModel.manifest_nonce.in_([r["b_nonce"] for r in rows]),
-                    JobModel.state == _ASSIGNED,
-                )
+                _assign_by_arrays(),
+                {
+                    "now": now,
+                    "deadline": deadline,
+                    "ids": [r["b_id"] for r in rows],
+                    "hosts": [r["b_host_id"] for r in rows],
+                    "indices": [json.dumps(r["b_gpu_indices"]) for r in rows],
+                    "prices": [r["b_price"] for r in rows],
+                    "attempts": [r["b_attempt"] for r in rows],
+                    "nonces": [r["b_nonce"] for r in rows],
+                },
             )
         )
-        if len(landed) < len(rows):
-            for row in rows:
-                if row["b_id"] not in landed:
-                    await job_states.release_gpus(session, row["b_id"])
-            keep = [i for i, r in enumerate(rows) if r["b_id"] in landed]
-            rows = [rows[i] for i in keep]
-            matches = [matches[i] for i in keep]
+    else:
+        # Core executemany (the ORM would read a list of rows as an update by primary key).
+        connection = await session.connection()
+        result = await connection.execute(
+            _assign_each(), [{**r, "b_now": now, "b_deadline": deadline} for r in rows]
+        )
+        landed = {r["b_id"] for r in rows}
+        if result.rowcount != len(rows):
+            # Short: a job was cancelled between the read and the write (SQLite has no row
+            # locks). Believe only the nonces that landed.
+            landed = set(
+                await session.scalars(
+                    select(JobModel.id).where(
+                        JobModel.id.in_([r["b_id"] for r in rows]),
+                        JobModel.manifest_nonce.in_([r["b_nonce"] for r in rows]),
+                        JobModel.state == _ASSIGNED,
+                    )
+                )
+            )
+    if len(landed) < len(rows):
+        for row in rows:
+            if row["b_id"] not in landed:
+                await job_states.release_gpus(session, row["b_id"])
+        keep = [i for i, r in enumerate(rows) if r["b_id"] in landed]
+        rows = [rows[i] for i in keep]
+        matches = [matches[i] for i in keep]
     if not rows:
         return []
     await insert_rows(
