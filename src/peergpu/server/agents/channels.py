@@ -51,6 +51,12 @@ SCHEDULER_WAKE_CHANNEL = "scheduler:wake"
 SCHEDULER_WAKE = (SCHEDULER_WAKE_CHANNEL, b"1")
 
 
+def state_change(job_id: uuid.UUID, state: str) -> tuple[str, bytes]:
+    """A committed state change as a ``(channel, data)`` pair on :func:`job_channel`, for
+    ``Bus.publish_many``."""
+    return job_channel(job_id), json.dumps({"kind": "state", "state": state}).encode()
+
+
 def job_channel(job_id: uuid.UUID) -> str:
     """Pub/sub channel with a job's live changes: ``{"kind": "state", "state": ...}`` after a
     state change is committed, ``{"kind": "log", "attempt": n, "lines": [...]}`` after log

@@ -8,7 +8,6 @@ acknowledged), so each handler is idempotent.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from peergpu.protocol.messages import (
     UploadRequest,
     UploadTarget,
 )
-from peergpu.server.agents.channels import SCHEDULER_WAKE, job_channel
+from peergpu.server.agents.channels import SCHEDULER_WAKE, state_change
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.bulk import insert_rows
@@ -127,10 +126,7 @@ async def apply_reports(session: AsyncSession, reports: Sequence[Report]) -> App
 async def announce(context: ServerContext, applied: Applied) -> None:
     """After the commit: tell followers of every changed job, wake the schedulers if GPUs were
     freed or a job re-queued (one bus round trip), and archive finished jobs' logs."""
-    messages = [
-        (job_channel(job_id), json.dumps({"kind": "state", "state": state.value}).encode())
-        for job_id, state in applied.changes
-    ]
+    messages = [state_change(job_id, state.value) for job_id, state in applied.changes]
     if applied.freed_gpus or applied.requeued:
         messages.append(SCHEDULER_WAKE)
     if messages:

@@ -11,7 +11,6 @@ returns False; the caller decides whether to look again.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
@@ -20,7 +19,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import ServiceUnavailable
-from peergpu.server.agents.channels import SCHEDULER_WAKE, job_channel
+from peergpu.server.agents.channels import SCHEDULER_WAKE, state_change
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import HostGpuModel
@@ -136,7 +135,7 @@ async def notify(
 ) -> None:
     """After a commit: tell followers of the job, and (optionally) every scheduler loop.
     Best effort: the bus being down must not fail a change that is already committed."""
-    messages = [(job_channel(job_id), json.dumps({"kind": "state", "state": state.value}).encode())]
+    messages = [state_change(job_id, state.value)]
     if wake_scheduler:
         messages.append(SCHEDULER_WAKE)
     try:

@@ -16,7 +16,6 @@ own submit; when the database is unreachable every waiting submit fails at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from peergpu.errors import ServiceUnavailable
-from peergpu.server.agents.channels import SCHEDULER_WAKE, job_channel
+from peergpu.server.agents.channels import SCHEDULER_WAKE, state_change
 from peergpu.server.bus import Bus
 from peergpu.server.db.bulk import insert_rows
 from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
@@ -38,8 +37,6 @@ MAX_BATCH = 500
 WORKERS = 2
 #: Seconds ``close`` lets the workers finish what is queued before it gives up on it.
 CLOSE_SECONDS = 5.0
-
-_QUEUED_STATE = json.dumps({"kind": "state", "state": JobState.queued.value}).encode()
 
 #: A new job's row and its first event.
 NewJob = tuple[dict[str, Any], dict[str, Any]]
@@ -82,7 +79,7 @@ class JobWriter(GroupCommit[NewJob, None]):
         """After the commit: tell each job's followers, and wake every scheduler loop once.
         Best effort: the bus being down must not fail jobs that are committed (the
         schedulers' sweep finds them)."""
-        messages = [(job_channel(job_id), _QUEUED_STATE) for job_id in job_ids]
+        messages = [state_change(job_id, JobState.queued.value) for job_id in job_ids]
         messages.append(SCHEDULER_WAKE)
         try:
             await self._bus.publish_many(messages)

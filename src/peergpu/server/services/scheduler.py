@@ -69,7 +69,7 @@ from sqlalchemy.orm import aliased
 from peergpu.errors import PaymentRequired, ServiceUnavailable
 from peergpu.protocol.manifest import ManifestLimits
 from peergpu.server.agents import dispatch
-from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, job_channel
+from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, state_change
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.bulk import insert_rows
@@ -692,7 +692,6 @@ async def _dispatch(context: ServerContext, assigned: list[Assignment]) -> None:
     A publish that fails is not retried here: the ack deadline puts the jobs back in the queue."""
     if not assigned:
         return
-    state = json.dumps({"kind": "state", "state": _ASSIGNED}).encode()
     messages: list[tuple[str, bytes]] = []
     for assignment in assigned:
         try:
@@ -701,7 +700,7 @@ async def _dispatch(context: ServerContext, assigned: list[Assignment]) -> None:
             logger.exception("could not build the manifest for job %s", assignment.job_id)
             continue
         messages.append((host_channel(assignment.host_id), delivery))
-    messages.extend((job_channel(a.job_id), state) for a in assigned)
+    messages.extend(state_change(a.job_id, _ASSIGNED) for a in assigned)
     try:
         await context.bus.publish_many(messages)
     except ServiceUnavailable as exc:
