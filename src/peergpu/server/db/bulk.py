@@ -59,12 +59,25 @@ async def insert_rows(
         await session.execute(insert(table), list(rows))
         return
     statement, given, called, encoded = _unnest_insert(table, tuple(rows[0]))
-    parameters = {f"c_{i}": [row[name] for row in rows] for i, name in enumerate(given)}
+    parameters = {f"rows_c_{i}": [row[name] for row in rows] for i, name in enumerate(given)}
     for i, (_name, make) in enumerate(called):
-        parameters[f"d_{i}"] = [make() for _ in rows]
+        parameters[f"rows_d_{i}"] = [make() for _ in rows]
     for param in encoded:
-        parameters[param] = [json.dumps(value) for value in parameters[param]]
+        key = f"rows_{param}"
+        parameters[key] = [json.dumps(value) for value in parameters[key]]
     await session.execute(statement, parameters)
+
+
+def unnest(name: str, columns: Sequence[tuple[str, Any]]) -> Any:
+    """PostgreSQL's ``unnest(:name_a, :name_b, ...) AS name(a, b, ...)``: a table of rows made
+    from one array parameter per column (``columns``: name and type), to join or select from
+    in a statement whose shape never changes. Each parameter is named ``<name>_<column>``
+    (a bind parameter may not share a name with a column the statement sets)."""
+    return (
+        func.unnest(*(bindparam(f"{name}_{c}", type_=pg.ARRAY(kind)) for c, kind in columns))
+        .table_valued(*(column(c, kind) for c, kind in columns))
+        .render_derived(name=name)
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,11 +109,9 @@ def _unnest_insert(
     sources += [(name, f"d_{i}") for i, (name, _f) in enumerate(called)]
     typed: list[tuple[Column[Any], str]] = [(table.c[name], param) for name, param in sources]
     encoded = tuple(param for col, param in typed if isinstance(col.type, JSON))
-    travels = [(Text() if param in encoded else col.type, param) for col, param in typed]
-    arrays = func.unnest(
-        *(bindparam(param, type_=pg.ARRAY(kind)) for kind, param in travels)
-    ).table_valued(*(column(param, kind) for kind, param in travels))
-    rows = arrays.render_derived(name="rows")
+    rows = unnest(
+        "rows", [(param, Text() if param in encoded else col.type) for col, param in typed]
+    )
     selected: list[Any] = [
         cast(rows.c[param], col.type) if param in encoded else rows.c[param] for col, param in typed
     ]

@@ -56,7 +56,6 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
-    column,
     func,
     literal,
     select,
@@ -72,7 +71,7 @@ from peergpu.server.agents import dispatch
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, state_change
 from peergpu.server.context import ServerContext
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.bulk import insert_rows
+from peergpu.server.db.bulk import insert_rows, unnest
 from peergpu.server.db.host_models import HostGpuModel, HostModel, taking_jobs
 from peergpu.server.db.job_models import JobEventModel, JobModel, JobState
 from peergpu.server.services import job_maintenance, job_states
@@ -468,18 +467,16 @@ def _assign_each() -> Any:
 def _assign_by_arrays() -> Any:
     """PostgreSQL: ``queued -> assigned`` for every job of a pass in one UPDATE ... FROM
     unnest(...), returning the ids of the jobs it changed."""
-    columns = (
-        ("ids", "id", JobModel.id.type),
-        ("hosts", "host_id", JobModel.host_id.type),
-        ("indices", "gpu_indices", Text()),
-        ("prices", "price", JobModel.price_per_gpu_hour_micros.type),
-        ("attempts", "attempt", JobModel.attempt.type),
-        ("nonces", "nonce", JobModel.manifest_nonce.type),
-    )
-    values = (
-        func.unnest(*(bindparam(param, type_=pg.ARRAY(kind)) for param, _name, kind in columns))
-        .table_valued(*(column(name, kind) for _param, name, kind in columns))
-        .render_derived(name="assigned")
+    values = unnest(
+        "assigned",
+        [
+            ("id", JobModel.id.type),
+            ("host_id", JobModel.host_id.type),
+            ("gpu_indices", Text()),  # JSON, as text: a list per row is no array element
+            ("price", JobModel.price_per_gpu_hour_micros.type),
+            ("attempt", JobModel.attempt.type),
+            ("nonce", JobModel.manifest_nonce.type),
+        ],
     )
     return (
         update(JobModel)
@@ -515,7 +512,10 @@ def claim_statement(claims: dict[uuid.UUID, uuid.UUID], *, postgresql: bool) -> 
     pass (about 18% of the scheduler's CPU in a burst, bench/scheduler.py). SQLite, which has
     no arrays, keeps the ``CASE``."""
     if postgresql:
-        return _claim_arrays(), {"gpu_ids": list(claims), "job_ids": list(claims.values())}
+        return _claim_arrays(), {
+            "claims_gpu_id": list(claims),
+            "claims_job_id": list(claims.values()),
+        }
     job_type = HostGpuModel.job_id.type
     statement = (
         update(HostGpuModel)
@@ -534,18 +534,13 @@ def claim_statement(claims: dict[uuid.UUID, uuid.UUID], *, postgresql: bool) -> 
 
 @functools.lru_cache(maxsize=1)
 def _claim_arrays() -> Any:
-    """PostgreSQL's claim: ``UPDATE host_gpus SET job_id = claims.job_id FROM unnest(:gpu_ids,
-    :job_ids) AS claims(gpu_id, job_id)`` over the rows still free that no other pass has
-    locked (``FOR UPDATE SKIP LOCKED``)."""
-    gpu_ids = bindparam("gpu_ids", type_=pg.ARRAY(HostGpuModel.id.type))
-    job_ids = bindparam("job_ids", type_=pg.ARRAY(HostGpuModel.job_id.type))
-    claims = (
-        func.unnest(gpu_ids, job_ids)
-        .table_valued(
-            column("gpu_id", HostGpuModel.id.type), column("job_id", HostGpuModel.job_id.type)
-        )
-        .render_derived(name="claims")
+    """PostgreSQL's claim: ``UPDATE host_gpus SET job_id = claims.job_id FROM
+    unnest(:claims_gpu_id, :claims_job_id) AS claims(gpu_id, job_id)`` over the rows still
+    free that no other pass has locked (``FOR UPDATE SKIP LOCKED``)."""
+    claims = unnest(
+        "claims", [("gpu_id", HostGpuModel.id.type), ("job_id", HostGpuModel.job_id.type)]
     )
+    gpu_ids = bindparam("claims_gpu_id", type_=pg.ARRAY(HostGpuModel.id.type))  # the same
     lockable = (
         select(HostGpuModel.id)
         .where(HostGpuModel.id == any_(gpu_ids), HostGpuModel.job_id.is_(None))
@@ -613,12 +608,12 @@ async def _assign(
                 {
                     "now": now,
                     "deadline": deadline,
-                    "ids": [r["b_id"] for r in rows],
-                    "hosts": [r["b_host_id"] for r in rows],
-                    "indices": [json.dumps(r["b_gpu_indices"]) for r in rows],
-                    "prices": [r["b_price"] for r in rows],
-                    "attempts": [r["b_attempt"] for r in rows],
-                    "nonces": [r["b_nonce"] for r in rows],
+                    "assigned_id": [r["b_id"] for r in rows],
+                    "assigned_host_id": [r["b_host_id"] for r in rows],
+                    "assigned_gpu_indices": [json.dumps(r["b_gpu_indices"]) for r in rows],
+                    "assigned_price": [r["b_price"] for r in rows],
+                    "assigned_attempt": [r["b_attempt"] for r in rows],
+                    "assigned_nonce": [r["b_nonce"] for r in rows],
                 },
             )
         )

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import BigInteger, String, bindparam, case, column, func, select, update
+from sqlalchemy import BigInteger, String, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,7 +38,7 @@ from peergpu.server.db.billing_models import (
     LedgerEntryModel,
     LedgerTransactionModel,
 )
-from peergpu.server.db.bulk import insert_rows, table_of
+from peergpu.server.db.bulk import insert_rows, table_of, unnest
 from peergpu.server.services.billing.accounts import describe
 
 #: Accounts per balance UPDATE (two bind parameters each).
@@ -217,7 +217,7 @@ async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, 
         # branch per account was compiled anew for every batch of holds and settlements.
         moved = await session.execute(
             _move_by_arrays(),
-            {"codes": touched, "amounts": [deltas[code] for code in touched], "now": now},
+            {"deltas_code": touched, "deltas_delta": [deltas[c] for c in touched], "now": now},
         )
         chunks = [moved]
     else:
@@ -263,15 +263,9 @@ _MOVED = (
 @functools.lru_cache(maxsize=1)
 def _move_by_arrays() -> Any:
     """PostgreSQL: ``UPDATE ledger_accounts SET balance_micros = balance_micros + delta FROM
-    unnest(:codes, :amounts) AS deltas(code, delta)``, returning the new balances."""
-    deltas = (
-        func.unnest(
-            bindparam("codes", type_=postgresql.ARRAY(String())),
-            bindparam("amounts", type_=postgresql.ARRAY(BigInteger())),
-        )
-        .table_valued(column("code", String()), column("delta", BigInteger()))
-        .render_derived(name="deltas")
-    )
+    unnest(:deltas_code, :deltas_delta) AS deltas(code, delta)``, returning the new
+    balances."""
+    deltas = unnest("deltas", [("code", String()), ("delta", BigInteger())])
     return (
         update(LedgerAccountModel)
         .where(LedgerAccountModel.code == deltas.c.code)
