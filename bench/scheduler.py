@@ -646,10 +646,10 @@ async def _latency(
 
 
 async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
-    """How the database runs two of each pass's statements, built as the scheduler builds
+    """How the database runs some of each pass's statements, built as the scheduler builds
     them: the claim UPDATE (``claim_statement``, for one free GPU of a connected host, rolled
-    back) and the two queue reads of ``_take_batch`` (the renters' queue heads, then the
-    bounded fair-share ranking)."""
+    back), the free-GPU read, and the two queue reads of ``_take_batch`` (the renters' queue
+    heads, then the bounded fair-share ranking)."""
     context = ServerContext.build(settings)
     try:
         async with context.sessionmaker() as session:
@@ -671,6 +671,13 @@ async def _plans(settings: ServerSettings, batch_size: int) -> list[str]:
                     {row[0]: job_id}, postgresql=not settings.is_sqlite
                 )
                 statements.append(("claim UPDATE (one GPU)", claim))
+            free_limit = scheduler.FREE_READ_MIN + 1
+            statements.append(
+                (
+                    f"free-GPU read (first {free_limit})",
+                    (scheduler._free_query(limited=True), {"free_limit": free_limit}),
+                )
+            )
             heads_statement = job_queue.heads_statement(
                 batch_size, skip_scan=not settings.is_sqlite
             )
@@ -709,13 +716,13 @@ async def _plan(
         started = time.perf_counter()
         result = await connection.exec_driver_sql(
             "EXPLAIN ANALYZE " + str(compiled),
-            tuple(parameters[name] for name in compiled.positiontup),
+            tuple({**compiled.params, **parameters}[name] for name in compiled.positiontup),
         )
         elapsed = time.perf_counter() - started
         plan = [str(r[0]).strip() for r in result]
         plan = [p for p in plan if not p.startswith(("Trigger", "Planning"))]
         await session.rollback()
-        return f"{label}: {elapsed * 1000:.1f} ms, plan: " + " / ".join(plan[:10])
+        return f"{label}: {elapsed * 1000:.1f} ms, plan: " + " / ".join(plan[:16])
     sql = str(
         statement.compile(dialect=session.bind.dialect, compile_kwargs={"literal_binds": True})
     )
@@ -730,7 +737,7 @@ async def _plan(
         elapsed = time.perf_counter() - started
         plan = [p for p in plan if not p.startswith(("Trigger", "Planning"))]
     await session.rollback()
-    return f"{label}: {elapsed * 1000:.1f} ms, plan: " + " / ".join(plan[:10])
+    return f"{label}: {elapsed * 1000:.1f} ms, plan: " + " / ".join(plan[:16])
 
 
 async def _created_at(context: ServerContext, job_ids: list[str]) -> dict[str, float]:
@@ -777,7 +784,32 @@ def _pass_summary(passes: list[list[float]], start: float, end: float) -> str:
         f"free GPUs {mean_ms(busy, 4):.1f} + queue batch {mean_ms(busy, 5):.1f} + claims "
         f"{mean_ms(busy, 6):.1f} + transitions/commit/rest {mean_ms(busy, 7):.1f}, then its "
         f"dispatch {mean_ms(busy, 8):.1f} (beside the next pass); the loop spent "
-        f"{total / span:.0%} of wall time in passes"
+        f"{total / span:.0%} of wall time in passes{_pass_statements(busy)}"
+    )
+
+
+def _pass_statements(busy: list[list[Any]]) -> str:
+    """A busy pass's statements, by kind: how many, and their mean time from cursor execute
+    to result (the thread hop and waits for a core included); BEGIN and COMMIT are not cursor
+    executes, so they are in what is left."""
+    if not busy or len(busy[0]) < 10:
+        return ""
+    kinds: dict[str, list[float]] = {}
+    for row in busy:
+        for kind, (count, seconds) in row[9].items():
+            entry = kinds.setdefault(kind, [0, 0.0])
+            entry[0] += count
+            entry[1] += seconds
+    n = len(busy)
+    inside = sum(seconds for _count, seconds in kinds.values()) / n * 1000
+    wall = sum(row[1] for row in busy) / n * 1000
+    parts = ", ".join(
+        f"{kind} {count / n:.1f}x {seconds / count * 1000:.1f} ms"
+        for kind, (count, seconds) in sorted(kinds.items(), key=lambda kv: -kv[1][1])
+    )
+    return (
+        f"\n    a busy pass's statements: {sum(c for c, _s in kinds.values()) / n:.1f}, "
+        f"{inside:.1f} of its {wall:.1f} ms (the rest: Python, BEGIN/COMMIT, waits): {parts}"
     )
 
 
@@ -1254,6 +1286,9 @@ class _Recorder:
         self.current: dict[str, float] | None = None
         # SQL statements: first words -> [count, seconds from before to after cursor execute]
         self.sql: dict[str, list[float]] = {}
+        # The pass in flight (its task) and its statements so far: first words -> [count, s]
+        self.pass_task: asyncio.Task[Any] | None = None
+        self.pass_sql: dict[str, list[float]] = {}
 
 
 class _Sampler:
@@ -1393,6 +1428,10 @@ def _instrument(recorder: _Recorder) -> None:
                 entry = recorder.sql[key] = [0, 0.0]
             entry[0] += 1
             entry[1] += elapsed
+            if recorder.pass_task is not None and asyncio.current_task() is recorder.pass_task:
+                entry = recorder.pass_sql.setdefault(key, [0, 0.0])
+                entry[0] += 1
+                entry[1] += elapsed
 
         return engine
 
@@ -1422,10 +1461,12 @@ def _instrument(recorder: _Recorder) -> None:
         wall = time.time()
         started = time.perf_counter()
         recorder.current = dict.fromkeys(("free", "batch", "claims"), 0.0)
+        recorder.pass_task, recorder.pass_sql = asyncio.current_task(), {}
         result = await original_pass(context)
         ended = time.perf_counter()
         c = recorder.current
         recorder.current = None
+        statements, recorder.pass_task = recorder.pass_sql, None
         rest = (ended - started) - c["free"] - c["batch"] - c["claims"]
         row = [
             wall,
@@ -1437,6 +1478,7 @@ def _instrument(recorder: _Recorder) -> None:
             c["claims"],
             rest,
             0.0,  # its dispatch, which overlaps the next pass: filled in below
+            statements,
         ]
         recorder.passes.append(row)
         rows_by_pass[id(result.assigned)] = row

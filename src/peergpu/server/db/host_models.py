@@ -15,6 +15,7 @@ from sqlalchemy import (
     Index,
     String,
     UniqueConstraint,
+    literal_column,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -27,8 +28,32 @@ class HostStatus(StrEnum):
     offline = "offline"
 
 
+#: ``taking_jobs()`` as SQL, per dialect: the predicate of the partial indexes the scheduler's
+#: free-GPU read walks (``status`` is compared with a literal there too, so that a generic plan
+#: of the prepared statement can still prove it).
+TAKING_JOBS_SQL = {
+    "postgresql": "status = 'online' AND paused IS false AND revoked_at IS NULL"
+    " AND price_per_gpu_hour_micros IS NOT NULL",
+    "sqlite": "status = 'online' AND paused IS 0 AND revoked_at IS NULL"
+    " AND price_per_gpu_hour_micros IS NOT NULL",
+}
+
+
 class HostModel(IdMixin, CreatedAtMixin, Base):
     __tablename__ = "hosts"
+    __table_args__ = (
+        # The hosts taking jobs in the scheduler's ranking order (cheapest, then most reliable):
+        # the free-GPU read walks it and stops at its limit, instead of joining every
+        # registered host's GPUs and sorting them all.
+        Index(
+            "ix_hosts_ranking",
+            "price_per_gpu_hour_micros",
+            "reliability",
+            "id",
+            postgresql_where=text(TAKING_JOBS_SQL["postgresql"]),
+            sqlite_where=text(TAKING_JOBS_SQL["sqlite"]),
+        ),
+    )
 
     owner_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True
@@ -61,7 +86,8 @@ class HostModel(IdMixin, CreatedAtMixin, Base):
 def taking_work() -> tuple[ColumnElement[bool], ...]:
     """Conditions on ``HostModel`` for hosts that take work now: online, unpaused, enrolled."""
     return (
-        HostModel.status == HostStatus.online.value,
+        # A literal, not a bind parameter: see ``TAKING_JOBS_SQL``.
+        HostModel.status == literal_column(f"'{HostStatus.online.value}'", String),
         HostModel.paused.is_(False),
         HostModel.revoked_at.is_(None),
     )
@@ -74,7 +100,17 @@ def taking_jobs() -> tuple[ColumnElement[bool], ...]:
 
 class HostGpuModel(IdMixin, Base):
     __tablename__ = "host_gpus"
-    __table_args__ = (UniqueConstraint("host_id", "index", name="uq_host_gpus_host_id_index"),)
+    __table_args__ = (
+        UniqueConstraint("host_id", "index", name="uq_host_gpus_host_id_index"),
+        # A host's free GPUs, for the free-GPU read (a busy host's probe finds nothing in it).
+        Index(
+            "ix_host_gpus_free",
+            "host_id",
+            "index",
+            postgresql_where=text("job_id IS NULL"),
+            sqlite_where=text("job_id IS NULL"),
+        ),
+    )
 
     host_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
     index: Mapped[int]
