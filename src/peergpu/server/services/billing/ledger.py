@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import BigInteger, String, bindparam, case, func, select, update
+from sqlalchemy import BigInteger, String, any_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -134,7 +134,7 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
         # Only now lock the accounts, in code order: one global order means two batches
         # touching the same accounts (platform:fees, a busy wallet) wait for each other
         # instead of deadlocking, and locking last keeps the hot accounts locked briefly.
-        await _lock_in_order(session, {code for p in fresh for code, _ in p.entries})
+        # (On PostgreSQL the move itself locks them in order first: one statement.)
         await _move_balances(session, fresh, now=now)
     return [ids[p.key] if ids[p.key] in new_ids else None for p in postings]
 
@@ -186,16 +186,6 @@ async def lock_accounts(session: AsyncSession, codes: Iterable[str]) -> dict[str
         .with_for_update(key_share=True)
     )
     return {code: int(balance) for code, balance in rows}
-
-
-async def _lock_in_order(session: AsyncSession, codes: Iterable[str]) -> None:
-    if _dialect(session) == "postgresql":
-        await session.execute(
-            select(LedgerAccountModel.code)
-            .where(LedgerAccountModel.code.in_(sorted(set(codes))))
-            .order_by(LedgerAccountModel.code)
-            .with_for_update(key_share=True)
-        )
 
 
 async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, now: Any) -> None:
@@ -264,11 +254,25 @@ _MOVED = (
 def _move_by_arrays() -> Any:
     """PostgreSQL: ``UPDATE ledger_accounts SET balance_micros = balance_micros + delta FROM
     unnest(:deltas_code, :deltas_delta) AS deltas(code, delta)``, returning the new
-    balances."""
+    balances. The accounts are locked first, in code order (``locked``: ``SELECT ... ORDER BY
+    code FOR NO KEY UPDATE``), so two batches touching the same accounts wait for each other
+    instead of deadlocking; the UPDATE alone would lock them in whatever order its join
+    produced."""
     deltas = unnest("deltas", [("code", String()), ("delta", BigInteger())])
+    codes = bindparam("deltas_code", type_=postgresql.ARRAY(String()))  # the same array
+    locked = (
+        select(LedgerAccountModel.code)
+        .where(LedgerAccountModel.code == any_(codes))
+        .order_by(LedgerAccountModel.code)
+        .with_for_update(key_share=True)
+        .cte("locked")
+    )
     return (
         update(LedgerAccountModel)
-        .where(LedgerAccountModel.code == deltas.c.code)
+        .where(
+            LedgerAccountModel.code == deltas.c.code,
+            LedgerAccountModel.code.in_(select(locked.c.code)),
+        )
         .values(
             balance_micros=LedgerAccountModel.balance_micros + deltas.c.delta,
             updated_at=bindparam("now", type_=LedgerAccountModel.updated_at.type),
