@@ -3,16 +3,17 @@
 One pass (``schedule_once``) in one transaction, a fixed number of statements however many
 jobs it assigns:
 
-1. Stop at once if no online, unpaused, priced host has a free GPU.
+1. Read the cheapest free GPUs of online, unpaused, priced hosts (a few); stop at once if
+   there are none.
 2. Take a batch of queued jobs in queue order: priority first, then fair share (each renter's
    oldest job before anyone's second), then age. The read is bounded: only the renters whose
    oldest job could make the batch, and only each one's fair share of the batch (their first
    ``batch`` jobs when one renter must fill in for the others), are ranked (the index
    ``ix_jobs_fair_queue`` serves both; see ``job_queue``), never the whole queue. On
    PostgreSQL the chosen rows are then locked with ``FOR UPDATE SKIP LOCKED``, so schedulers
-   on other replicas take other jobs. Then read the free GPUs in ranking order, only the
-   cheapest few times what the batch asks for; everything only if a job finds no host among
-   those.
+   on other replicas take other jobs. Then read more free GPUs in ranking order if the batch
+   wants more (the cheapest few times what it asks for); everything only if a job finds no
+   host among those.
 3. Match in memory: for each job the cheapest eligible host, then the most reliable, then the
    least loaded, among hosts with enough free GPUs of the right model and VRAM.
    While matching, each job's wallet must cover its hold on the chosen host (price x GPUs x
@@ -184,7 +185,14 @@ async def schedule_once(context: ServerContext) -> PassResult:
 async def _pass(context: ServerContext) -> PassResult:
     """One pass up to its commit; the caller dispatches what it assigned."""
     async with context.sessionmaker() as session:
-        if not await _any_free_gpu(session):
+        # The cheapest free GPUs first, a few times what the batch asks for: on an idle fleet
+        # a pass of a few jobs need not read every free GPU. The first ``FREE_READ_MIN`` of
+        # them are read before the queue (none: a full fleet, and the pass stops there), more
+        # once the batch says how many it wants, and everything only when a job found no host
+        # among those, the batch then matched again from the start.
+        hosts, cut = await _free_capacity(session, limit=FREE_READ_MIN)
+        if not hosts:
+            await session.rollback()
             return PassResult(assigned=[], considered=0)
         jobs = await _take_batch(
             session, context.settings.scheduler_batch_size, _unfunded.current()
@@ -193,12 +201,9 @@ async def _pass(context: ServerContext) -> PassResult:
             await session.rollback()
             return PassResult(assigned=[], considered=0)
         budget = await holds.open_budget(session, {_wallet(job) for job in jobs})
-        # The cheapest free GPUs first, a few times what the batch asks for: on an idle fleet
-        # a pass of a few jobs need not read every free GPU. Only when a job found no host
-        # among them is everything read, and the batch matched again from the start.
-        wanted = sum(job.gpu_count for job in jobs)
-        limit = max(FREE_READ_MIN, FREE_READ_FACTOR * wanted)
-        hosts, cut = await _free_capacity(session, limit=limit)
+        limit = max(FREE_READ_MIN, FREE_READ_FACTOR * sum(job.gpu_count for job in jobs))
+        if cut and limit > FREE_READ_MIN:
+            hosts, cut = await _free_capacity(session, limit=limit)
         matches, waiting = _match_all(jobs, hosts, budget.copy())
         if cut and len(matches) + len(waiting) < len(jobs):
             hosts, _ = await _free_capacity(session)
@@ -282,17 +287,6 @@ async def run_scheduler(context: ServerContext) -> None:
         if dispatching is not None:  # what was committed is sent before the loop ends
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(dispatching), timeout=5)
-
-
-async def _any_free_gpu(session: AsyncSession) -> bool:
-    """Whether a host taking jobs has a free GPU (a pass on a full fleet stops here)."""
-    found = await session.scalar(
-        select(HostGpuModel.id)
-        .join(HostModel, HostModel.id == HostGpuModel.host_id)
-        .where(*taking_jobs(), HostGpuModel.job_id.is_(None))
-        .limit(1)
-    )
-    return found is not None
 
 
 async def _free_capacity(
