@@ -39,6 +39,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from peergpu.server.db import core
+
 
 def table_of(model: type[Any]) -> Table:
     """The mapped class's table, for Core statements."""
@@ -56,7 +58,7 @@ async def insert_rows(
     await session.flush()
     table = table_of(model)
     if session.get_bind().dialect.name != "postgresql":
-        await session.execute(insert(table), list(rows))
+        await core.execute(session, insert(table), list(rows))
         return
     statement, given, called, encoded = _unnest_insert(table, tuple(rows[0]))
     parameters = {f"rows_c_{i}": [row[name] for row in rows] for i, name in enumerate(given)}
@@ -65,7 +67,7 @@ async def insert_rows(
     for param in encoded:
         key = f"rows_{param}"
         parameters[key] = [json.dumps(value) for value in parameters[key]]
-    await session.execute(statement, parameters)
+    await core.execute(session, statement, parameters)
 
 
 def unnest(name: str, columns: Sequence[tuple[str, Any]]) -> Any:

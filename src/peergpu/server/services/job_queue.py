@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from peergpu.server.db import core
 from peergpu.server.db.bulk import table_of
 from peergpu.server.db.job_models import JobModel, JobState
 
@@ -239,11 +240,18 @@ async def read_jobs(
 ) -> list[QueuedJob]:
     """The queued jobs among ``ids``, in that order; with ``lock``, locked on PostgreSQL
     (``SKIP LOCKED``: a job another replica's pass holds is left out)."""
-    query = select(*_COLUMNS).where(JobModel.id.in_(ids), JobModel.state == _QUEUED)
-    if lock:
-        query = query.with_for_update(skip_locked=True)
-    by_id = {row[0]: QueuedJob(*row) for row in await session.execute(query)}
+    rows = await core.execute(session, _read_query(lock=lock), {"ids": list(ids)})
+    by_id = {row[0]: QueuedJob(*row) for row in rows}
     return [by_id[i] for i in ids if i in by_id]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_query(*, lock: bool) -> Select[Any]:
+    """The statement of :func:`read_jobs`, built once."""
+    query = select(*_COLUMNS).where(
+        JobModel.id.in_(bindparam("ids", expanding=True)), JobModel.state == _QUEUED
+    )
+    return query.with_for_update(skip_locked=True) if lock else query
 
 
 async def take_batch(
@@ -253,7 +261,9 @@ async def take_batch(
     skip_scan = session.get_bind().dialect.name == "postgresql"
     query = heads_query(size, skip_scan=skip_scan, skipping=bool(skip_owners))
     parameters = {"skip_owners": list(skip_owners)} if skip_owners else {}
-    heads = [(owner, priority) for owner, priority in await session.execute(query, parameters)]
+    heads = [
+        (owner, priority) for owner, priority in await core.execute(session, query, parameters)
+    ]
     if not heads:
         return []
     # Each queue's fair share of the batch first (plus one): with many renters that reads
@@ -261,10 +271,10 @@ async def take_batch(
     # renters). Only a lopsided queue, where one renter's jobs must fill what the others
     # cannot, needs its first ``size`` jobs read, and then they are.
     limits = first_read(size, heads)
-    rows = await session.execute(order_query(len(heads)), order_parameters(heads, limits))
+    rows = await core.execute(session, order_query(len(heads)), order_parameters(heads, limits))
     ids = rank(rows, size, limits)
     if ids is None:
         limits = dict.fromkeys(limits, size)
-        rows = await session.execute(order_query(len(heads)), order_parameters(heads, limits))
+        rows = await core.execute(session, order_query(len(heads)), order_parameters(heads, limits))
         ids = rank(rows, size, limits) or []
     return await read_jobs(session, ids, lock=True)

@@ -71,6 +71,7 @@ from peergpu.protocol.manifest import ManifestLimits
 from peergpu.server.agents import dispatch
 from peergpu.server.agents.channels import SCHEDULER_WAKE_CHANNEL, host_channel, state_change
 from peergpu.server.context import ServerContext
+from peergpu.server.db import core
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.bulk import insert_rows, unnest
 from peergpu.server.db.host_models import HostGpuModel, HostModel, taking_jobs
@@ -301,7 +302,7 @@ async def _free_capacity(
     every registered host's GPUs and sorting them all was 4-14 ms on 10,000 hosts."""
     query = _free_query(limited=limit is not None)
     parameters = {"free_limit": limit + 1} if limit is not None else {}
-    rows = list(await session.execute(query, parameters))
+    rows = list(await core.execute(session, query, parameters))
     cut = limit is not None and len(rows) > limit
     if cut:
         rows = rows[:limit]
@@ -568,7 +569,9 @@ async def _claim(session: AsyncSession, matches: list[_Match]) -> list[_Match]:
     for start in range(0, len(items), CLAIM_CHUNK):
         chunk = dict(items[start : start + CLAIM_CHUNK])
         statement, parameters = claim_statement(chunk, postgresql=postgresql)
-        claimed.update(gpu_id for gpu_id, _job in await session.execute(statement, parameters))
+        claimed.update(
+            gpu_id for gpu_id, _job in await core.execute(session, statement, parameters)
+        )
     whole = [m for m in matches if all(g[0] in claimed for g in m.gpus)]
     if len(whole) < len(matches):
         short = [m.job.id for m in matches if not all(g[0] in claimed for g in m.gpus)]
@@ -601,19 +604,22 @@ async def _assign(
         # statement per job inside PostgreSQL, and reports no count, so every pass then read
         # the nonces back to see which landed.
         landed = set(
-            await session.scalars(
-                _assign_by_arrays(),
-                {
-                    "now": now,
-                    "deadline": deadline,
-                    "assigned_id": [r["b_id"] for r in rows],
-                    "assigned_host_id": [r["b_host_id"] for r in rows],
-                    "assigned_gpu_indices": [json.dumps(r["b_gpu_indices"]) for r in rows],
-                    "assigned_price": [r["b_price"] for r in rows],
-                    "assigned_attempt": [r["b_attempt"] for r in rows],
-                    "assigned_nonce": [r["b_nonce"] for r in rows],
-                },
-            )
+            (
+                await core.execute(
+                    session,
+                    _assign_by_arrays(),
+                    {
+                        "now": now,
+                        "deadline": deadline,
+                        "assigned_id": [r["b_id"] for r in rows],
+                        "assigned_host_id": [r["b_host_id"] for r in rows],
+                        "assigned_gpu_indices": [json.dumps(r["b_gpu_indices"]) for r in rows],
+                        "assigned_price": [r["b_price"] for r in rows],
+                        "assigned_attempt": [r["b_attempt"] for r in rows],
+                        "assigned_nonce": [r["b_nonce"] for r in rows],
+                    },
+                )
+            ).scalars()
         )
     else:
         # Core executemany (the ORM would read a list of rows as an update by primary key).

@@ -18,15 +18,18 @@ scheduler's transaction; the ledger refuses a hold the credit no longer covers (
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from peergpu.server.db import core
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.billing_models import BillingProfileModel, JobChargeModel
 from peergpu.server.db.bulk import insert_rows
@@ -182,12 +185,7 @@ async def cap_room(
     each capped wallet's advisory lock is taken first, in wallet order, until the transaction
     ends (PostgreSQL): the ledger guards the credit but not the cap, so two replicas' passes
     take turns with a capped wallet instead of both spending the same room."""
-    rows = await session.execute(
-        select(BillingProfileModel.wallet, BillingProfileModel.monthly_cap_micros).where(
-            BillingProfileModel.wallet.in_(wallets),
-            BillingProfileModel.monthly_cap_micros.is_not(None),
-        )
-    )
+    rows = await core.execute(session, _caps_query(), {"wallets": list(wallets)})
     caps = {wallet: int(cap) for wallet, cap in rows if cap is not None}
     if not caps:
         return {}
@@ -216,3 +214,13 @@ async def cap_room(
 
 def month_start(now: datetime) -> datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+@functools.lru_cache(maxsize=1)
+def _caps_query() -> Any:
+    """The monthly caps of some wallets (those that have one), built once: every scheduler
+    pass reads it."""
+    return select(BillingProfileModel.wallet, BillingProfileModel.monthly_cap_micros).where(
+        BillingProfileModel.wallet.in_(bindparam("wallets", expanding=True)),
+        BillingProfileModel.monthly_cap_micros.is_not(None),
+    )

@@ -31,6 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.errors import PaymentRequired
+from peergpu.server.db import core
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.billing_models import (
     JobChargeModel,
@@ -96,10 +97,9 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
     await ensure_accounts(session, {code for p in postings for code, _ in p.entries})
     now = utcnow()
     ids = {p.key: uuid.uuid4() for p in postings}
-    inserted = await session.execute(
-        insert_ignoring_duplicates(session, LedgerTransactionModel, "idempotency_key").returning(
-            LedgerTransactionModel.id
-        ),
+    inserted = await core.execute(
+        session,
+        _insert_transactions(_dialect(session)),
         [
             {
                 "id": ids[p.key],
@@ -157,19 +157,37 @@ async def ensure_accounts(session: AsyncSession, codes: Iterable[str]) -> None:
             }
         )
     if rows:
-        await session.execute(insert_ignoring_duplicates(session, LedgerAccountModel, "code"), rows)
+        await core.execute(session, _insert_accounts(_dialect(session)), rows)
 
 
 async def balances(session: AsyncSession, codes: Iterable[str]) -> dict[str, int]:
     """Cached balances; an account never used reads as 0."""
     wanted = sorted(set(codes))
-    rows = await session.execute(
-        select(LedgerAccountModel.code, LedgerAccountModel.balance_micros).where(
-            LedgerAccountModel.code.in_(wanted)
-        )
-    )
+    rows = await core.execute(session, _balances_query(), {"codes": wanted})
     found = {code: int(balance) for code, balance in rows}
     return {code: int(found.get(code, 0)) for code in wanted}
+
+
+@functools.lru_cache(maxsize=1)
+def _balances_query() -> Any:
+    return select(LedgerAccountModel.code, LedgerAccountModel.balance_micros).where(
+        LedgerAccountModel.code.in_(bindparam("codes", expanding=True))
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _insert_accounts(dialect: str) -> Any:
+    """``INSERT INTO ledger_accounts ... ON CONFLICT (code) DO NOTHING``, built once."""
+    return _insert_ignoring(dialect, LedgerAccountModel, "code")
+
+
+@functools.lru_cache(maxsize=2)
+def _insert_transactions(dialect: str) -> Any:
+    """``INSERT INTO ledger_transactions ... ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id``, built once."""
+    return _insert_ignoring(dialect, LedgerTransactionModel, "idempotency_key").returning(
+        LedgerTransactionModel.id
+    )
 
 
 async def lock_accounts(session: AsyncSession, codes: Iterable[str]) -> dict[str, int]:
@@ -205,7 +223,8 @@ async def _move_balances(session: AsyncSession, postings: Sequence[Posting], *, 
     if _dialect(session) == "postgresql":
         # One statement, always the same: the deltas travel as two arrays. A CASE of one
         # branch per account was compiled anew for every batch of holds and settlements.
-        moved = await session.execute(
+        moved = await core.execute(
+            session,
             _move_by_arrays(),
             {"deltas_code": touched, "deltas_delta": [deltas[c] for c in touched], "now": now},
         )
@@ -284,7 +303,11 @@ def _move_by_arrays() -> Any:
 
 def insert_ignoring_duplicates(session: AsyncSession, model: Any, column: str) -> Any:
     """``INSERT ... ON CONFLICT (column) DO NOTHING`` for the session's database."""
-    dialect = postgresql if _dialect(session) == "postgresql" else sqlite
+    return _insert_ignoring(_dialect(session), model, column)
+
+
+def _insert_ignoring(dialect_name: str, model: Any, column: str) -> Any:
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
     return dialect.insert(table_of(model)).on_conflict_do_nothing(index_elements=[column])
 
 
