@@ -184,8 +184,20 @@ async def test_an_ending_that_lost_a_race_is_not_announced(context: ServerContex
         await session.execute(update(JobModel).where(JobModel.id == j2).values(state="lost"))
         await session.commit()
     statuses = [JobStatus(job_id=j, state="succeeded", exit_code=0) for j in (j1, j2)]
-    rows = [
-        {"b_id": j, "b_expected": "assigned", "state": "succeeded", "exit_code": 0}
+    rows = [  # every column ``_apply_finals`` sets, as it builds them
+        {
+            "b_id": j,
+            "b_expected": "assigned",
+            "state": "succeeded",
+            "failure_reason": None,
+            "message": "",
+            "started_at": utcnow(),
+            "exit_code": 0,
+            "duration_seconds": 1.0,
+            "peak_memory_bytes": None,
+            "cpu_seconds": None,
+            "last_log_seq": None,
+        }
         for j in (j1, j2)
     ]
     endings = [(h, s, JobState.assigned, JobState.succeeded) for s in statuses]

@@ -8,6 +8,7 @@ acknowledged), so each handler is idempotent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -30,8 +31,9 @@ from peergpu.protocol.messages import (
 )
 from peergpu.server.agents.channels import SCHEDULER_WAKE, state_change
 from peergpu.server.context import ServerContext
+from peergpu.server.db import core
 from peergpu.server.db.base import utcnow
-from peergpu.server.db.bulk import insert_rows
+from peergpu.server.db.bulk import insert_rows, unnest
 from peergpu.server.db.host_models import HostGpuModel
 from peergpu.server.db.job_models import (
     ACTIVE_STATES,
@@ -173,21 +175,23 @@ async def _apply_acks(
     without = [(a.job_id, h) for h, a in accepted if a.nonce is None]
     assigned = JobModel.state == JobState.assigned.value
     if with_nonce:
-        await session.execute(
+        await core.execute(
+            session,
             update(JobModel)
             .where(
                 assigned,
                 tuple_(JobModel.id, JobModel.host_id, JobModel.manifest_nonce).in_(with_nonce),
             )
             .values(acked_at=now)
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
     if without:
-        await session.execute(
+        await core.execute(
+            session,
             update(JobModel)
             .where(assigned, tuple_(JobModel.id, JobModel.host_id).in_(without))
             .values(acked_at=now)
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
     for host_id, ack in acks:
         if ack.accepted or ack.job_id is None:
@@ -219,7 +223,8 @@ async def _apply_running(
     if not reports:
         return
     pairs = list({(status.job_id, host_id) for host_id, status in reports})
-    started = await session.execute(
+    started = await core.execute(
+        session,
         update(JobModel)
         .where(
             JobModel.state == JobState.assigned.value,
@@ -233,7 +238,7 @@ async def _apply_running(
             missing_since=None,
         )
         .returning(JobModel.id, JobModel.host_id)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
     )
     for job_id, job_host in started:
         applied.changes.append((job_id, JobState.running))
@@ -261,10 +266,11 @@ async def _apply_finals(
         return
     current = {
         job_id: (host_id, JobState(state), started_at)
-        for job_id, host_id, state, started_at in await session.execute(
+        for job_id, host_id, state, started_at in await core.execute(
+            session,
             select(JobModel.id, JobModel.host_id, JobModel.state, JobModel.started_at).where(
                 JobModel.id.in_({status.job_id for _host, status in reports})
-            )
+            ),
         )
     }
     ended: list[tuple[uuid.UUID, uuid.UUID]] = []
@@ -308,11 +314,12 @@ async def _apply_finals(
         elif state in FINAL_STATES:
             known = {k: v for k, v in outcome.items() if v is not None}
             if known:
-                await session.execute(
+                await core.execute(
+                    session,
                     update(JobModel)
                     .where(JobModel.id == status.job_id)
                     .values(**known)
-                    .execution_options(synchronize_session=False)
+                    .execution_options(synchronize_session=False),
                 )
         ended.append((status.job_id, host_id))
     await _requeue_stopped(session, stopped, applied)
@@ -332,17 +339,19 @@ async def _apply_finals(
     if not ended:
         return
     # Only the reporting host's GPUs: the job may have been re-queued and claimed elsewhere.
-    released = await session.execute(
+    released = await core.execute(
+        session,
         update(HostGpuModel)
         .where(tuple_(HostGpuModel.job_id, HostGpuModel.host_id).in_(ended))
         .values(job_id=None)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
     )
     if released.rowcount:  # type: ignore[attr-defined]
         applied.freed_gpus = True
     requeued = {job_id for job_id, _state in stopped}  # they run again: not archived yet
     applied.archive.extend(
-        await session.scalars(
+        await _scalars(
+            session,
             select(JobLogChunkModel.job_id)
             .where(
                 JobLogChunkModel.job_id.in_(
@@ -350,7 +359,7 @@ async def _apply_finals(
                 ),
                 JobLogChunkModel.line_count > 0,
             )
-            .distinct()
+            .distinct(),
         )
     )
 
@@ -365,6 +374,14 @@ async def _end_jobs(
     read before; returns the endings that landed (a job that moved on meanwhile did not)."""
     if not rows:
         return []
+    if session.get_bind().dialect.name == "postgresql":
+        # One UPDATE over arrays, returning the jobs it ended: an executemany reports no
+        # count on asyncpg, so every batch then read back what had landed.
+        parameters: dict[str, Any] = {"now": now}
+        for name, _kind in _ENDED_COLUMNS:
+            parameters[f"ended_{name}"] = [row[_ENDED_KEYS.get(name, name)] for row in rows]
+        landed = set((await core.execute(session, _end_by_arrays(), parameters)).scalars())
+        return [ending for ending in endings if ending[1].job_id in landed]
     # Core executemany (the ORM would read a list of rows as an update by primary key).
     connection = await session.connection()
     result = await connection.execute(
@@ -378,13 +395,56 @@ async def _end_jobs(
     # Unknown (asyncpg reports no executemany count) or short: look at what landed; this
     # batch's clock is in ``finished_at`` of exactly the rows it ended.
     landed = set(
-        await session.scalars(
+        await _scalars(
+            session,
             select(JobModel.id).where(
                 JobModel.id.in_([row["b_id"] for row in rows]), JobModel.finished_at == now
-            )
+            ),
         )
     )
     return [ending for ending in endings if ending[1].job_id in landed]
+
+
+#: What ``_end_jobs`` sets from each row on PostgreSQL, as (array column, type); the row's
+#: key is the column's name but for ``_ENDED_KEYS``.
+_ENDED_COLUMNS = (
+    ("id", JobModel.id.type),
+    ("expected", JobModel.state.type),
+    ("state", JobModel.state.type),
+    ("failure_reason", JobModel.failure_reason.type),
+    ("message", JobModel.message.type),
+    ("started_at", JobModel.started_at.type),
+    ("exit_code", JobModel.exit_code.type),
+    ("duration_seconds", JobModel.duration_seconds.type),
+    ("peak_memory_bytes", JobModel.peak_memory_bytes.type),
+    ("cpu_seconds", JobModel.cpu_seconds.type),
+    ("last_log_seq", JobModel.last_log_seq.type),
+)
+_ENDED_KEYS = {"id": "b_id", "expected": "b_expected"}
+
+
+@functools.lru_cache(maxsize=1)
+def _end_by_arrays() -> Any:
+    """PostgreSQL: active -> final for a batch of jobs in one ``UPDATE ... FROM
+    unnest(...)``, each conditional on the state read before, returning the ids it ended."""
+    ended = unnest("ended", _ENDED_COLUMNS)
+    now = bindparam("now", type_=JobModel.updated_at.type)
+    return (
+        update(JobModel)
+        .where(JobModel.id == ended.c.id, JobModel.state == ended.c.expected)
+        .values(
+            updated_at=now,
+            finished_at=now,
+            missing_since=None,
+            **{name: ended.c[name] for name, _kind in _ENDED_COLUMNS[2:]},
+        )
+        .returning(JobModel.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def _scalars(session: AsyncSession, statement: Any) -> list[Any]:
+    return list((await core.execute(session, statement)).scalars())
 
 
 def _event(
@@ -490,11 +550,12 @@ async def reconcile(
     async with context.sessionmaker() as session:
         active = {
             job_id: (state, acked)
-            for job_id, state, acked in await session.execute(
+            for job_id, state, acked in await core.execute(
+                session,
                 select(JobModel.id, JobModel.state, JobModel.acked_at).where(
                     JobModel.host_id == host_id,
                     JobModel.state.in_([s.value for s in ACTIVE_STATES]),
-                )
+                ),
             )
         }
         now = utcnow()
@@ -506,16 +567,18 @@ async def reconcile(
             if job_id not in reported and (state == JobState.running.value or acked is not None)
         ]
         if present:
-            await session.execute(
+            await core.execute(
+                session,
                 update(JobModel)
                 .where(JobModel.id.in_(present), JobModel.missing_since.is_not(None))
-                .values(missing_since=None)
+                .values(missing_since=None),
             )
         if absent:
-            await session.execute(
+            await core.execute(
+                session,
                 update(JobModel)
                 .where(JobModel.id.in_(absent), JobModel.missing_since.is_(None))
-                .values(missing_since=now)
+                .values(missing_since=now),
             )
         await session.commit()
     return [job_id for job_id in reported if job_id not in active]

@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, delete, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from peergpu.protocol.messages import GpuSampleSpec, Hello
+from peergpu.server.db import core
 from peergpu.server.db.base import utcnow
 from peergpu.server.db.host_models import (
     HostGpuModel,
@@ -94,7 +95,8 @@ async def record_heartbeats(
     now = utcnow()
     current = {
         (host_id, connection_id)
-        for host_id, connection_id in await session.execute(
+        for host_id, connection_id in await core.execute(
+            session,
             update(HostModel)
             .where(
                 tuple_(HostModel.id, HostModel.connection_id).in_(
@@ -103,7 +105,7 @@ async def record_heartbeats(
             )
             .values(last_seen_at=now, status=HostStatus.online.value)
             .returning(HostModel.id, HostModel.connection_id)
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
         if connection_id is not None
     }
