@@ -137,7 +137,7 @@ async def test_the_inbox_group_commits_and_answers_each_socket(
         )
     finally:
         await inbox.close()
-    assert results == [True, False, None, None, None]
+    assert results == [[], None, None, None, None]
     assert sessions == 1  # five messages, one transaction
     assert {(await get_job(context, j)).state for j in jobs[:3]} == {"running"}
     async with real() as session:
@@ -149,6 +149,74 @@ async def test_the_inbox_group_commits_and_answers_each_socket(
             )
         )
     assert sorted(gpus) == [(0, 90.0), (1, 90.0), (2, 90.0)]
+
+
+async def test_a_heartbeat_reconciles_in_its_batch_after_the_reports(
+    context: ServerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a host says it runs, against the jobs table, in the batch's one transaction: an
+    acknowledged job it does not mention starts the missing clock, one it mentions stops it,
+    one it runs that is not its own is returned to stop, a manifest in flight is left alone,
+    and a job that ends in the same batch is not left missing."""
+    owner = await make_renter(context)
+    h = await make_host(context, owner, price=1, gpus=[("T4", 16000)] * 4)
+    x = await make_host(context, owner, price=2, gpus=[("T4", 16000)])
+    jobs = [await make_job(context, owner) for _ in range(5)]
+    assert len((await scheduler.schedule_once(context)).assigned) == 5
+    j1, j2, j3, j4, j5 = jobs
+    assert (await get_job(context, j5)).host_id == x
+    async with context.sessionmaker() as session:
+        reports = []
+        for job_id in (j1, j2, j3):
+            nonce = (await get_job(context, job_id)).manifest_nonce
+            reports += [
+                job_reports.Report(h, ManifestAck(job_id=job_id, nonce=nonce, accepted=True)),
+                job_reports.Report(h, JobStatus(job_id=job_id, state="running")),
+            ]
+        await job_reports.apply_reports(session, reports)
+        await session.execute(update(HostModel).where(HostModel.id == h).values(connection_id="c"))
+        await session.execute(update(HostModel).where(HostModel.id == x).values(connection_id="d"))
+        await session.execute(
+            update(JobModel).where(JobModel.id == j1).values(missing_since=utcnow())
+        )
+        await session.commit()
+    sessions = 0
+    real = context.sessionmaker
+
+    def counting() -> Any:
+        nonlocal sessions
+        sessions += 1
+        return real()
+
+    monkeypatch.setattr(context, "sessionmaker", counting)
+    stray = uuid.uuid4()
+    inbox = AgentInbox(context)
+    try:
+        results = await asyncio.gather(
+            inbox.report(
+                h, JobStatus(job_id=j2, state="succeeded", exit_code=0, duration_seconds=1.0)
+            ),
+            inbox.heartbeat(h, "c", [], running=[j1, j5, stray]),
+            inbox.heartbeat(x, "d", []),  # not reconciled this beat
+            inbox.heartbeat(x, "superseded", [], running=[]),
+        )
+    finally:
+        await inbox.close()
+    assert results == [None, [j5, stray], [], None]
+    assert sessions == 1
+    j1_, j2_, j3_, j4_, j5_ = [await get_job(context, j) for j in jobs]
+    assert j1_.missing_since is None  # mentioned: the clock stops
+    assert (j2_.state, j2_.missing_since) == ("succeeded", None)  # ended in the batch
+    assert j3_.state == "running" and j3_.missing_since is not None  # acknowledged, absent
+    assert (j4_.state, j4_.acked_at, j4_.missing_since) == ("assigned", None, None)  # in flight
+    assert j5_.missing_since is None  # x's beat did not reconcile; a superseded one changes nothing
+
+    async with real() as session:  # the same through the one-host path of a ``hello``
+        assert await job_reports.reconcile_hosts(session, {}) == {}
+    assert await job_reports.reconcile(context, x, []) == []
+    assert (await get_job(context, j5)).missing_since is None  # in flight: not missing
+    assert await job_reports.reconcile(context, h, [j3, stray]) == [stray]
+    assert (await get_job(context, j3)).missing_since is None
 
 
 async def test_one_bad_message_fails_alone(

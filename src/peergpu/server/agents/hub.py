@@ -189,18 +189,21 @@ class AgentHub:
                 await self.streams.route(socket.host_id, message, raw)
                 continue
             if isinstance(message, Heartbeat):
-                current = await self.inbox.heartbeat(
-                    socket.host_id, socket.connection_id, message.gpus
-                )
-                if not current:
-                    await _close(socket.websocket, CLOSE_SUPERSEDED)
-                    return
                 reported = frozenset(message.running_jobs)
                 socket.unreconciled += 1
                 # Reconcile when the report changes, and every few beats anyway (a job the
-                # host never started does not change its report).
+                # host never started does not change its report); in the beat's batch.
+                running = None
                 if reported != socket.reported or socket.unreconciled >= RECONCILE_EVERY:
-                    await self._reconcile(socket, list(reported))
+                    running = list(message.running_jobs)
+                    socket.reported, socket.unreconciled = reported, 0
+                stop = await self.inbox.heartbeat(
+                    socket.host_id, socket.connection_id, message.gpus, running
+                )
+                if stop is None:
+                    await _close(socket.websocket, CLOSE_SUPERSEDED)
+                    return
+                await self._stop(socket, stop)
                 continue
             replies = await self.events.handle(socket.host_id, message)
             try:
@@ -212,7 +215,10 @@ class AgentHub:
     async def _reconcile(self, socket: _Socket, running: list[uuid.UUID]) -> None:
         """Stop what the host runs that it should not (cancelled, or re-queued elsewhere)."""
         socket.reported, socket.unreconciled = frozenset(running), 0
-        for job_id in await job_reports.reconcile(self.context, socket.host_id, running):
+        await self._stop(socket, await job_reports.reconcile(self.context, socket.host_id, running))
+
+    async def _stop(self, socket: _Socket, jobs: list[uuid.UUID]) -> None:
+        for job_id in jobs:
             logger.info(
                 "host %s runs job %s, which is not its to run: cancelling", socket.host_id, job_id
             )

@@ -42,7 +42,12 @@ WORKERS = 2
 Item = job_reports.Report | presence.Beat
 
 
-class AgentInbox(GroupCommit[Item, bool]):
+#: A heartbeat's answer: None if its connection was superseded, else the jobs the host runs
+#: that are not its to run (empty unless the beat asked for a reconcile). A report's: None.
+Answer = list[uuid.UUID] | None
+
+
+class AgentInbox(GroupCommit[Item, Answer]):
     name = "agent-inbox"
 
     def __init__(
@@ -59,29 +64,47 @@ class AgentInbox(GroupCommit[Item, bool]):
         await self.submit(job_reports.Report(host_id, message))
 
     async def heartbeat(
-        self, host_id: uuid.UUID, connection_id: str, samples: Sequence[GpuSampleSpec]
-    ) -> bool:
-        """Record a heartbeat; False if the connection has been superseded."""
-        return await self.submit(presence.Beat(host_id, connection_id, samples))
+        self,
+        host_id: uuid.UUID,
+        connection_id: str,
+        samples: Sequence[GpuSampleSpec],
+        running: Sequence[uuid.UUID] | None = None,
+    ) -> list[uuid.UUID] | None:
+        """Record a heartbeat, and with ``running`` reconcile what the host says it runs
+        (``job_reports.reconcile_hosts``, after the batch's reports). Returns None if the
+        connection has been superseded, else the jobs the host should stop."""
+        return await self.submit(presence.Beat(host_id, connection_id, samples, running))
 
     def _failed_alone(self, item: Item, exc: Exception) -> None:
         logger.error("agent message failed: %r", item, exc_info=exc)
 
-    async def _commit(self, items: list[Item]) -> list[bool]:
+    async def _commit(self, items: list[Item]) -> list[Answer]:
         reports = [item for item in items if isinstance(item, job_reports.Report)]
         beats = [item for item in items if isinstance(item, presence.Beat)]
         async with self.context.sessionmaker() as session:
             current = await presence.record_heartbeats(session, beats)
             applied = await job_reports.apply_reports(session, reports)
+            # After the reports: a job whose final status is in this batch is not missing.
+            # Two batches never hold one socket's messages, so no earlier report is pending.
+            stop = await job_reports.reconcile_hosts(
+                session,
+                {
+                    beat.host_id: beat.running
+                    for beat in beats
+                    if beat.running is not None and (beat.host_id, beat.connection_id) in current
+                },
+            )
             await session.commit()
         await job_reports.announce(self.context, applied)
         await self._trail(reports)
-        return [
-            (item.host_id, item.connection_id) in current
-            if isinstance(item, presence.Beat)
-            else True
-            for item in items
-        ]
+        answers: list[Answer] = []
+        for item in items:
+            if isinstance(item, presence.Beat):
+                current_beat = (item.host_id, item.connection_id) in current
+                answers.append(stop.get(item.host_id, []) if current_beat else None)
+            else:
+                answers.append(None)
+        return answers
 
     async def _trail(self, reports: list[job_reports.Report]) -> None:
         """Append each report to its job's bus stream: a live trail for operators and tests."""

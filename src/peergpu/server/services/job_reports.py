@@ -538,50 +538,80 @@ async def on_artifacts(context: ServerContext, host_id: uuid.UUID, report: Artif
 async def reconcile(
     context: ServerContext, host_id: uuid.UUID, running: list[uuid.UUID]
 ) -> list[uuid.UUID]:
-    """Compare what the host says it runs (``hello``/``heartbeat``) with the jobs table.
-
-    A job the table has active on this host but the host does not mention starts a
-    ``missing_since`` clock (the sweeper declares it lost after the grace period; a final
-    status still on its way stops the clock). A job the host runs that is not active on it
-    here (cancelled, re-queued elsewhere, unknown) is returned: the caller tells the host to
-    stop it, so nothing runs twice and nothing is orphaned.
-    """
-    reported = set(running)
+    """:func:`reconcile_hosts` for one host in a transaction of its own (its ``hello``)."""
     async with context.sessionmaker() as session:
-        active = {
-            job_id: (state, acked)
-            for job_id, state, acked in await core.execute(
-                session,
-                select(JobModel.id, JobModel.state, JobModel.acked_at).where(
-                    JobModel.host_id == host_id,
-                    JobModel.state.in_([s.value for s in ACTIVE_STATES]),
-                ),
-            )
-        }
-        now = utcnow()
-        present = [job_id for job_id in active if job_id in reported]
-        # A manifest in flight is not "missing": only acknowledged jobs start the clock.
-        absent = [
-            job_id
-            for job_id, (state, acked) in active.items()
-            if job_id not in reported and (state == JobState.running.value or acked is not None)
-        ]
-        if present:
-            await core.execute(
-                session,
-                update(JobModel)
-                .where(JobModel.id.in_(present), JobModel.missing_since.is_not(None))
-                .values(missing_since=None),
-            )
-        if absent:
-            await core.execute(
-                session,
-                update(JobModel)
-                .where(JobModel.id.in_(absent), JobModel.missing_since.is_(None))
-                .values(missing_since=now),
-            )
+        stop = await reconcile_hosts(session, {host_id: running})
         await session.commit()
-    return [job_id for job_id in reported if job_id not in active]
+    return stop.get(host_id, [])
+
+
+async def reconcile_hosts(
+    session: AsyncSession, reported: dict[uuid.UUID, Sequence[uuid.UUID]]
+) -> dict[uuid.UUID, list[uuid.UUID]]:
+    """Compare what hosts say they run (``hello``/``heartbeat``) with the jobs table, in the
+    caller's transaction: one read and at most two UPDATEs for all of them.
+
+    A job the table has active on a host but the host does not mention starts a
+    ``missing_since`` clock (the sweeper declares it lost after the grace period; a final
+    status still on its way stops the clock). A job a host runs that is not active on it
+    here (cancelled, re-queued elsewhere, unknown) is returned under its host: the caller
+    tells the host to stop it, so nothing runs twice and nothing is orphaned.
+    """
+    if not reported:
+        return {}
+    active: dict[uuid.UUID, dict[uuid.UUID, tuple[str, Any]]] = {h: {} for h in reported}
+    for job_id, host_id, state, acked in await core.execute(
+        session, _active_on_hosts(), {"hosts": list(reported)}
+    ):
+        active[host_id][job_id] = (state, acked)
+    present: list[uuid.UUID] = []
+    absent: list[uuid.UUID] = []
+    stop: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for host_id, running in reported.items():
+        says = set(running)
+        jobs = active[host_id]
+        for job_id, (state, acked) in jobs.items():
+            if job_id in says:
+                present.append(job_id)
+            elif state == JobState.running.value or acked is not None:
+                # A manifest in flight is not "missing": only acknowledged jobs start the clock.
+                absent.append(job_id)
+        strays = [job_id for job_id in running if job_id not in jobs]
+        if strays:
+            stop[host_id] = strays
+    if present:
+        await core.execute(session, _clear_missing(), {"ids": present})
+    if absent:
+        await core.execute(session, _start_missing(), {"ids": absent, "now": utcnow()})
+    return stop
+
+
+@functools.cache
+def _active_on_hosts() -> Any:
+    return select(JobModel.id, JobModel.host_id, JobModel.state, JobModel.acked_at).where(
+        JobModel.host_id.in_(bindparam("hosts", expanding=True)),
+        JobModel.state.in_([s.value for s in ACTIVE_STATES]),
+    )
+
+
+@functools.cache
+def _clear_missing() -> Any:
+    return (
+        update(JobModel)
+        .where(JobModel.id.in_(bindparam("ids", expanding=True)))
+        .where(JobModel.missing_since.is_not(None))
+        .values(missing_since=None)
+    )
+
+
+@functools.cache
+def _start_missing() -> Any:
+    return (
+        update(JobModel)
+        .where(JobModel.id.in_(bindparam("ids", expanding=True)))
+        .where(JobModel.missing_since.is_(None))
+        .values(missing_since=bindparam("now"))
+    )
 
 
 async def _archive(context: ServerContext, job_id: uuid.UUID) -> None:

@@ -62,11 +62,14 @@ async def mark_connected(
 
 @dataclass(frozen=True, slots=True)
 class Beat:
-    """One heartbeat: which connection of which host, and its GPU samples."""
+    """One heartbeat: which connection of which host, and its GPU samples; ``running``, the
+    jobs it says it runs, when they are to be reconciled with the jobs table (None: not this
+    beat)."""
 
     host_id: uuid.UUID
     connection_id: str
     samples: Sequence[GpuSampleSpec]
+    running: Sequence[uuid.UUID] | None = None
 
 
 async def record_heartbeat(
