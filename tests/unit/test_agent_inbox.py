@@ -34,6 +34,22 @@ async def _assigned(context: ServerContext) -> tuple[uuid.UUID, uuid.UUID, list[
     return h, x, jobs
 
 
+def _count_sessions(
+    context: ServerContext, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[int], Any]:
+    """Count the sessions opened from now on (in a one-item list); returns it and the real
+    sessionmaker."""
+    sessions = [0]
+    real = context.sessionmaker
+
+    def counting() -> Any:
+        sessions[0] += 1
+        return real()
+
+    monkeypatch.setattr(context, "sessionmaker", counting)
+    return sessions, real
+
+
 async def _events(context: ServerContext, job_id: uuid.UUID) -> list[tuple[str, str]]:
     async with context.sessionmaker() as session:
         rows = await session.execute(
@@ -118,15 +134,7 @@ async def test_the_inbox_group_commits_and_answers_each_socket(
             update(HostModel).where(HostModel.id == h).values(connection_id="current")
         )
         await session.commit()
-    sessions = 0
-    real = context.sessionmaker
-
-    def counting() -> Any:
-        nonlocal sessions
-        sessions += 1
-        return real()
-
-    monkeypatch.setattr(context, "sessionmaker", counting)
+    sessions, real = _count_sessions(context, monkeypatch)
     inbox = AgentInbox(context)
     sample = [GpuSampleSpec(index=i, utilization_percent=90, memory_used_mib=7) for i in range(3)]
     try:
@@ -138,7 +146,7 @@ async def test_the_inbox_group_commits_and_answers_each_socket(
     finally:
         await inbox.close()
     assert results == [[], None, None, None, None]
-    assert sessions == 1  # five messages, one transaction
+    assert sessions == [1]  # five messages, one transaction
     assert {(await get_job(context, j)).state for j in jobs[:3]} == {"running"}
     async with real() as session:
         gpus = list(
@@ -180,15 +188,7 @@ async def test_a_heartbeat_reconciles_in_its_batch_after_the_reports(
             update(JobModel).where(JobModel.id == j1).values(missing_since=utcnow())
         )
         await session.commit()
-    sessions = 0
-    real = context.sessionmaker
-
-    def counting() -> Any:
-        nonlocal sessions
-        sessions += 1
-        return real()
-
-    monkeypatch.setattr(context, "sessionmaker", counting)
+    sessions, real = _count_sessions(context, monkeypatch)
     stray = uuid.uuid4()
     inbox = AgentInbox(context)
     try:
@@ -203,7 +203,7 @@ async def test_a_heartbeat_reconciles_in_its_batch_after_the_reports(
     finally:
         await inbox.close()
     assert results == [None, [j5, stray], [], None]
-    assert sessions == 1
+    assert sessions == [1]
     j1_, j2_, j3_, j4_, j5_ = [await get_job(context, j) for j in jobs]
     assert j1_.missing_since is None  # mentioned: the clock stops
     assert (j2_.state, j2_.missing_since) == ("succeeded", None)  # ended in the batch
